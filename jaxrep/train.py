@@ -121,12 +121,17 @@ class Hooks(NamedTuple):
   """How a provider's behaviour enters the step (all pure, per provider).
 
   poison_batch(behaviour, key, x, y) -> (x, y): what the provider trains on.
-  transform_update(behaviour, key, update) -> update: e.g. model-replacement
-    scaling. Both receive ONE provider's behaviour (vmapped); benign behaviour
-    must leave their inputs unchanged.
+  transform_update(behaviour, key, update) -> update: changes the optimizer
+    update of every step.
+  finalize(behaviour, start_params, end_params) -> params: what the provider
+    returns at the end of the sub-run (e.g. model replacement scales the
+    sub-run's update).
+  All receive ONE provider's behaviour (vmapped); benign behaviour must leave
+  their inputs unchanged.
   """
   poison_batch: Callable = lambda behaviour, key, x, y: (x, y)
   transform_update: Callable = lambda behaviour, key, update: update
+  finalize: Callable = lambda behaviour, start, end: end
 
 
 class Trainer(NamedTuple):
@@ -227,8 +232,10 @@ def make_trainer(model: Model, config: TrainConfig,
       return (params, opt_state, model_state), loss
 
     k = schedule.shape[0]
-    carry, losses = jax.lax.scan(body, tuple(pop), (jnp.arange(k), schedule))
-    return Population(*carry), losses
+    (params, opt_state, model_state), losses = jax.lax.scan(
+        body, tuple(pop), (jnp.arange(k), schedule))
+    params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
+    return Population(params, opt_state, model_state), losses
 
   return Trainer(model, tx, init, replicate, sub_run, single_step)
 
