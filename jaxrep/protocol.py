@@ -1,0 +1,480 @@
+"""The RTTD protocol: the client's host loop over sub-runs.
+
+A training run of T = `steps` steps is split into S = T / k sub-runs of
+k = `subrun_steps` steps. Before training, the client secretly draws m =
+`replicated` of them. For every sub-run s:
+
+* the client hands its current checkpoint (parameters, optimizer and model
+  state), the batch schedule of s and the hyper-parameters to the providers;
+* a replicated sub-run goes to every provider still trusted; the client
+  computes the distance matrix between the returned models, runs the detector
+  on the evidence pooled over all replicated sub-runs so far, excludes the
+  flagged providers for good, and continues from the medoid of the unflagged
+  results;
+* a non-replicated sub-run goes to one trusted provider, drawn at random, and
+  is accepted unchecked (a malicious one poisons it; that is how a backdoor can
+  reach the client despite the defense).
+
+The simulator trains all n providers on every sub-run (one vmapped step does
+that at the cost of one), but the client only *sees* and accepts what the
+protocol allows. Malicious providers poison every sub-run they compute: they
+cannot tell which sub-runs are replicated.
+
+Two more chains are run for the report:
+* no defense: the same client, but every sub-run is done by a provider drawn
+  among all n and accepted unchecked; its final model answers "would the
+  backdoor have reached the client without RTTD?";
+* attack check (`attack_check=True`): every provider trains the whole run on
+  its own (the model it would deliver as the only provider). Its clean
+  accuracy and attack success rate show that each attack really works; a
+  detected attack that does not work would prove nothing.
+
+Extra cost of the defense: m * k * (n - 1) training steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrep import attacks as attacks_lib
+from jaxrep import data as data_lib
+from jaxrep import detect as detect_lib
+from jaxrep import distances as dist_lib
+from jaxrep import divergence as div_lib
+from jaxrep import metrics as metrics_lib
+from jaxrep import models as models_lib
+from jaxrep import train as train_lib
+from jaxrep.errors import ConfigError, require
+
+METRICS = ("l2", "cosine", "l1", "linf", "output", "cka", "zest")
+PARAM_METRICS = ("l2", "cosine", "l1", "linf")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+  """Everything that defines a simulation (the main job's flags)."""
+  dataset: str = "digits"
+  data_dir: str | None = None
+  model: str = "mlp"
+  providers: int = 16
+  malicious: int = 8
+  attack: str = "badnets"
+  poison_rate: float = 0.1
+  target_label: int = -1        # -1: each malicious provider picks its own
+  trigger_size: int = 2
+  trigger_location: str = "random"
+  blend_alpha: float = 0.2
+  scale_factor: float = 2.0
+  warp_strength: float = 1.5
+  label_flip_source: int = -1   # -1: each provider picks its own
+  steps: int = 400
+  subrun_steps: int = 20
+  replicated: int = 5
+  metric: str = "l2"
+  detector: str = "ks"
+  alpha: float = 0.01
+  ks_margin: float = 10.0       # ks: flag only distances > margin x the rest
+  krum_f: int = -1              # -1: the largest Krum tolerates, (n - 3) // 2
+  seed: int = 0
+  batch_size: int = 32
+  optimizer: str = "sgd"
+  learning_rate: float = 0.05
+  momentum: float = 0.9
+  schedule: str = "cosine"
+  permute: bool = True
+  grad_noise: float = 0.0
+  bf16_fraction: float = 0.0
+  probe_size: int = 256
+  max_train: int = 0            # 0: the whole training set
+  attack_check: bool = True
+
+  @property
+  def num_subruns(self) -> int:
+    return self.steps // self.subrun_steps
+
+  @property
+  def overhead_steps(self) -> int:
+    return self.replicated * self.subrun_steps * (self.providers - 1)
+
+  def train_config(self) -> train_lib.TrainConfig:
+    return train_lib.TrainConfig(
+        optimizer=self.optimizer, learning_rate=self.learning_rate,
+        momentum=self.momentum, schedule=self.schedule,
+        total_steps=self.steps, batch_size=self.batch_size)
+
+  def divergence_config(self) -> div_lib.DivergenceConfig:
+    return div_lib.DivergenceConfig(permute=self.permute,
+                                    grad_noise=self.grad_noise,
+                                    bf16_fraction=self.bf16_fraction)
+
+  def validate(self) -> "SimConfig":
+    """Checks every field that can be checked without loading data."""
+    def integer(name, low, high=None):
+      v = getattr(self, name)
+      ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+      ok = ok and v >= low and (high is None or v <= high)
+      bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+      require(ok, name, f"must be an integer {bound}, got {v!r}")
+
+    def real(name, low, high, low_open=False, high_open=False):
+      v = getattr(self, name)
+      ok = (isinstance(v, (int, float, np.floating, np.integer))
+            and not isinstance(v, bool) and math.isfinite(v))
+      ok = ok and (v > low if low_open else v >= low)
+      ok = ok and (v < high if high_open else v <= high)
+      lb, hb = "(" if low_open else "[", ")" if high_open else "]"
+      require(ok, name, f"must be a number in {lb}{low}, {high}{hb}, got {v!r}")
+
+    require(self.model in models_lib.MODELS, "model",
+            f"unknown model {self.model!r}; choose one of "
+            f"{', '.join(models_lib.MODELS)}")
+    require(isinstance(self.dataset, str) and self.dataset != "", "dataset",
+            "must be a dataset name, e.g. digits, idx, fashion_mnist")
+    integer("providers", 2)
+    integer("malicious", 0)
+    require(self.malicious <= self.providers, "malicious",
+            f"{self.malicious} malicious providers but only "
+            f"{self.providers} providers")
+    require(self.attack in attacks_lib.ATTACKS, "attack",
+            f"unknown attack {self.attack!r}; choose one of "
+            f"{', '.join(attacks_lib.ATTACKS)}")
+    real("poison_rate", 0.0, 1.0)
+    integer("target_label", -1)
+    integer("trigger_size", 1)
+    require(self.trigger_location in attacks_lib.LOCATIONS, "trigger_location",
+            f"unknown location {self.trigger_location!r}; choose one of "
+            f"{', '.join(attacks_lib.LOCATIONS)}")
+    real("blend_alpha", 0.0, 1.0)
+    real("scale_factor", 0.0, 1e6, low_open=True)
+    real("warp_strength", 0.0, 1e6, low_open=True)
+    integer("label_flip_source", -1)
+    integer("steps", 1)
+    integer("subrun_steps", 1)
+    require(self.subrun_steps <= self.steps, "subrun_steps",
+            f"a sub-run of {self.subrun_steps} steps does not fit in "
+            f"{self.steps} steps")
+    require(self.steps % self.subrun_steps == 0, "steps",
+            f"must be a multiple of subrun_steps={self.subrun_steps}, got "
+            f"{self.steps} (e.g. {self.num_subruns * self.subrun_steps})")
+    integer("replicated", 1)
+    require(self.replicated <= self.num_subruns, "replicated",
+            f"{self.replicated} replicated sub-runs but the run has only "
+            f"{self.num_subruns} sub-runs (steps / subrun_steps)")
+    require(self.metric in METRICS, "metric",
+            f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+    require(self.detector in detect_lib.DETECTORS, "detector",
+            f"unknown detector {self.detector!r}; choose one of "
+            f"{', '.join(detect_lib.DETECTORS)}")
+    real("alpha", 0.0, 1.0, low_open=True, high_open=True)
+    real("ks_margin", 1.0, 1e12)
+    integer("krum_f", -1)
+    require(self.krum_f < self.providers - 2 or self.krum_f == -1, "krum_f",
+            f"Krum needs n - f - 2 >= 1 neighbours, got f={self.krum_f} for "
+            f"{self.providers} providers")
+    integer("seed", 0, 2**31 - 1)
+    integer("batch_size", 1)
+    integer("probe_size", 1)
+    integer("max_train", 0)
+    real("bf16_fraction", 0.0, 1.0)
+    real("grad_noise", 0.0, 1.0, high_open=True)
+    require(isinstance(self.permute, bool), "permute",
+            f"must be true or false, got {self.permute!r}")
+    require(isinstance(self.attack_check, bool), "attack_check",
+            f"must be true or false, got {self.attack_check!r}")
+    self.train_config().validate()
+    return self
+
+
+def attack_specs(config: SimConfig, num_classes: int, input_shape):
+  """Per-provider attack specs (None = benign) for the config."""
+  overrides: dict[str, Any] = {"poison_rate": config.poison_rate}
+  if config.target_label >= 0:
+    overrides["target"] = config.target_label
+  if config.attack in ("badnets", "scaling"):
+    overrides.update(size=config.trigger_size,
+                     location=config.trigger_location)
+    if config.trigger_location != "random":
+      overrides["pattern"] = "checkerboard"
+  if config.attack == "blend":
+    overrides["alpha"] = config.blend_alpha
+  if config.attack == "scaling":
+    overrides["factor"] = config.scale_factor
+  if config.attack == "warp":
+    overrides["strength"] = config.warp_strength
+  if config.attack == "label_flip" and config.label_flip_source >= 0:
+    overrides["source"] = config.label_flip_source
+  specs = attacks_lib.population_specs(
+      config.providers, config.malicious, config.attack,
+      own_backdoor=True, num_classes=num_classes, seed=config.seed,
+      **overrides)
+  for spec in specs:
+    if spec is not None:
+      attacks_lib.validate_spec(spec, input_shape, num_classes)
+  return specs
+
+
+def _take(tree, i):
+  return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _take_slice(tree, i):
+  return jax.tree_util.tree_map(lambda a: a[i:i + 1], tree)
+
+
+def model_distances(config: SimConfig, model, start_params, pop, probe_x,
+                    key) -> np.ndarray:
+  """The [n, n] distance matrix of `config.metric` for one sub-run."""
+  metric = config.metric
+  if metric in PARAM_METRICS:
+    upd = dist_lib.updates(start_params, pop.params)
+    d = dist_lib.pairwise_distances(upd, metric)
+  elif metric == "output":
+    d = dist_lib.output_distances(model.predict, pop.params, pop.model_state,
+                                  probe_x)
+  elif metric == "cka":
+    d = dist_lib.cka_distances(model.predict, pop.params, pop.model_state,
+                               probe_x)
+  else:
+    d = dist_lib.zest_distances(model.predict, pop.params, pop.model_state,
+                                probe_x[:16], key)
+  return np.asarray(d, np.float64)
+
+
+def medoid(d: np.ndarray, members: np.ndarray) -> int:
+  """Member with the smallest total distance to the other members."""
+  idx = np.flatnonzero(members)
+  sub = d[np.ix_(idx, idx)]
+  totals = np.where(np.isfinite(sub), sub, np.finfo(float).max).sum(axis=1)
+  return int(idx[int(np.argmin(totals))])
+
+
+@dataclasses.dataclass
+class SimResult:
+  """Everything the report needs."""
+  config: SimConfig
+  malicious: np.ndarray
+  attack_names: list
+  flags: np.ndarray
+  flagged_at: np.ndarray
+  scores: np.ndarray
+  clean_accuracy: np.ndarray
+  attack_success_rate: np.ndarray
+  client: dict
+  no_defense: dict
+  replicated_subruns: list
+  matrices: list
+  members: list
+  wall_seconds: float
+  notes: list
+
+  def summary(self) -> dict:
+    mal = self.malicious
+    return {
+        "tpr": metrics_lib.tpr(self.flags, mal),
+        "fpr": metrics_lib.fpr(self.flags, mal),
+        "auroc": metrics_lib.auroc(self.scores, mal),
+        "final_clean_accuracy": self.client["clean_accuracy"],
+        "final_attack_success_rate": self.client["attack_success_rate"],
+        "no_defense_clean_accuracy": self.no_defense["clean_accuracy"],
+        "no_defense_attack_success_rate":
+            self.no_defense["attack_success_rate"],
+        "malicious_mean_attack_success_rate":
+            _mean_or_nan(self.attack_success_rate[mal]),
+        "benign_mean_clean_accuracy":
+            _mean_or_nan(self.clean_accuracy[~mal]),
+        "malicious_mean_clean_accuracy":
+            _mean_or_nan(self.clean_accuracy[mal]),
+        "overhead_steps": self.config.overhead_steps,
+        "training_steps": self.config.steps,
+        "replicated_subruns": [int(s) for s in self.replicated_subruns],
+        "wall_seconds": self.wall_seconds,
+    }
+
+  def providers(self) -> list[dict]:
+    return [{
+        "id": i,
+        "malicious": bool(self.malicious[i]),
+        "attack": self.attack_names[i],
+        "flagged": bool(self.flags[i]),
+        "flagged_at_subrun": (int(self.flagged_at[i])
+                              if self.flagged_at[i] >= 0 else None),
+        "score": _finite_or_none(self.scores[i]),
+        "clean_accuracy": float(self.clean_accuracy[i]),
+        "attack_success_rate": float(self.attack_success_rate[i]),
+    } for i in range(len(self.malicious))]
+
+
+def _mean_or_nan(x) -> float:
+  return float(np.mean(x)) if np.size(x) else float("nan")
+
+
+def _finite_or_none(v):
+  v = float(v)
+  return v if math.isfinite(v) else None
+
+
+def _client_asr(model, params, model_state, behaviour, ds, malicious):
+  """ASR of one model against every malicious provider's trigger."""
+  n = behaviour.size
+  if not malicious.any():
+    return float("nan"), []
+  stack = lambda t: jax.tree_util.tree_map(
+      lambda a: jnp.broadcast_to(a, (n, *a.shape)), t)
+  asr = attacks_lib.attack_success_rate(model, stack(params),
+                                        stack(model_state), behaviour,
+                                        ds.x_test, ds.y_test)
+  per = asr[malicious]
+  return float(per.max()), [float(a) for a in per]
+
+
+def run(config: SimConfig, *, progress: bool = True,
+        log: Callable[[str], None] | None = None,
+        dataset: data_lib.Dataset | None = None) -> SimResult:
+  """Runs one simulation end to end (see module docstring)."""
+  config.validate()
+  t0 = time.perf_counter()
+  ds = dataset if dataset is not None else data_lib.load_dataset(
+      config.dataset, config.data_dir,
+      max_train=config.max_train or None)
+  n, k = config.providers, config.subrun_steps
+  train_lib.check_population_args(n, k, config.batch_size, ds.x_train.shape[0])
+  if config.target_label >= ds.num_classes:
+    raise ConfigError(f"target_label: must be in [0, {ds.num_classes - 1}] "
+                      f"(or -1), got {config.target_label}")
+  specs = attack_specs(config, ds.num_classes, ds.input_shape)
+  behaviour = attacks_lib.make_behaviour(specs, ds.input_shape, ds.num_classes,
+                                         seed=config.seed)
+  malicious = behaviour.malicious
+  model = models_lib.get_model(config.model, ds.num_classes, ds.input_shape)
+  trainer = train_lib.make_trainer(model, config.train_config(),
+                                   config.divergence_config(),
+                                   attacks_lib.make_hooks(behaviour))
+  div = div_lib.make_divergence(config.divergence_config(), n, config.seed)
+  x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  probe_x = jnp.asarray(ds.x_test[:config.probe_size])
+
+  root = jax.random.key(config.seed)
+  params, model_state = model.init(jax.random.fold_in(root, 0))
+  client = (params, trainer.optimizer.init(params), model_state)
+  nodef = client
+  own = trainer.replicate(params, model_state, n) if config.attack_check else None
+
+  rng = np.random.default_rng([config.seed, 0x5EED])
+  num_subruns = config.num_subruns
+  replicated = np.sort(rng.choice(num_subruns, config.replicated,
+                                  replace=False))
+  assign_rng = np.random.default_rng([config.seed, 0xA551])
+  nodef_rng = np.random.default_rng([config.seed, 0x0DEF])
+
+  active = np.ones(n, bool)
+  flagged_at = np.full(n, -1)
+  scores = np.zeros(n)
+  evidence = detect_lib.Evidence()
+  median_evidence: list[np.ndarray] = []
+  notes: list[str] = []
+  krum_f = None if config.krum_f < 0 else config.krum_f
+
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+    bar = tqdm(total=num_subruns, desc="sub-runs", unit="sub-run",
+               dynamic_ncols=True)
+  for s in range(num_subruns):
+    schedule = jnp.asarray(data_lib.batch_schedule(
+        config.seed, s, k, config.batch_size, ds.x_train.shape[0]))
+    keys = train_lib.provider_keys(jax.random.fold_in(root, 1000 + s), n)
+    start = trainer.replicate(client[0], client[2], n, opt_state=client[1])
+    out, _ = trainer.sub_run(start, x_train, y_train, schedule, keys, div,
+                             behaviour)
+    if s in replicated and active.sum() >= 2:
+      d = model_distances(config, model, client[0], out, probe_x,
+                          jax.random.fold_in(root, 2000 + s))
+      members = active.copy()
+      evidence.add(d, members)
+      if config.detector == "median":
+        rows = train_lib.flatten_population(
+            dist_lib.updates(client[0], out.params))
+        median_evidence.append(np.asarray(
+            detect_lib.median_distances(rows, jnp.asarray(members))))
+      verdict = detect_lib.detect(config.detector, evidence, n,
+                                  alpha=config.alpha, krum_f=krum_f,
+                                  ks_margin=config.ks_margin,
+                                  median_evidence=median_evidence)
+      scores[members] = np.asarray(verdict.scores)[members]
+      new = verdict.flags & active
+      flagged_at[new] = s
+      active &= ~new
+      if not active.any():
+        notes.append(f"sub-run {s}: every provider was flagged; the client "
+                     "keeps its checkpoint and stops outsourcing")
+        chosen = None
+      else:
+        chosen = medoid(d, active)
+    elif s in replicated:
+      notes.append(f"sub-run {s}: fewer than 2 trusted providers left, "
+                   "no comparison possible")
+      chosen = int(assign_rng.choice(np.flatnonzero(active))) \
+          if active.any() else None
+    else:
+      chosen = int(assign_rng.choice(np.flatnonzero(active))) \
+          if active.any() else None
+    if chosen is not None:
+      client = (_take(out.params, chosen), _take(out.opt_state, chosen),
+                _take(out.model_state, chosen))
+    # No defense: one provider drawn among all, accepted unchecked.
+    who = int(nodef_rng.integers(n))
+    single = trainer.replicate(nodef[0], nodef[2], 1, opt_state=nodef[1])
+    single, _ = trainer.sub_run(single, x_train, y_train, schedule,
+                                keys[who:who + 1], _take_slice(div, who),
+                                _take_slice(behaviour, who))
+    nodef = tuple(_take(t, 0) for t in single)
+    if own is not None:
+      own, _ = trainer.sub_run(own, x_train, y_train, schedule, keys, div,
+                               behaviour)
+    if bar is not None:
+      bar.set_postfix(replicated=int(np.searchsorted(replicated, s, "right")),
+                      flagged=int((flagged_at >= 0).sum()),
+                      trusted=int(active.sum()))
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+
+  # Evaluation.
+  final = own if own is not None else out
+  if own is None:
+    notes.append("attack_check is off: provider metrics are of the models "
+                 "returned for the last sub-run (k steps from the client's "
+                 "checkpoint), not of a full run")
+  acc = train_lib.evaluate(model, final.params, final.model_state, ds.x_test,
+                           ds.y_test)
+  asr = attacks_lib.attack_success_rate(model, final.params, final.model_state,
+                                        behaviour, ds.x_test, ds.y_test)
+  client_report = _final_model_report(model, client, behaviour, ds, malicious)
+  nodef_report = _final_model_report(model, nodef, behaviour, ds, malicious)
+  jax.block_until_ready(client[0])
+  return SimResult(
+      config=config, malicious=malicious, attack_names=behaviour.names(),
+      flags=flagged_at >= 0, flagged_at=flagged_at, scores=scores,
+      clean_accuracy=np.asarray(acc), attack_success_rate=np.asarray(asr),
+      client=client_report, no_defense=nodef_report,
+      replicated_subruns=list(replicated), matrices=evidence.matrices,
+      members=evidence.members, wall_seconds=time.perf_counter() - t0,
+      notes=notes)
+
+
+def _final_model_report(model, state, behaviour, ds, malicious) -> dict:
+  params, _, model_state = state
+  one = lambda t: jax.tree_util.tree_map(lambda a: a[None], t)
+  acc = float(train_lib.evaluate(model, one(params), one(model_state),
+                                 ds.x_test, ds.y_test)[0])
+  worst, per = _client_asr(model, params, model_state, behaviour, ds,
+                           malicious)
+  return {"clean_accuracy": acc, "attack_success_rate": worst,
+          "attack_success_rate_per_trigger": per}
