@@ -27,7 +27,8 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
   n - f - 2 nearest others; flags the f highest scores.
 * multikrum: iteratively selects the n - f providers with the lowest Krum
   scores, recomputed among the remaining ones with k = n - f - 2 neighbours
-  (capped by how many remain); flags the rest. Score: the
+  (capped by how many remain; ties broken by the score in the whole set);
+  flags the rest. Score: the
   round at which a provider would be selected (later = more suspicious).
 * median: distance of each provider's update to the coordinate-wise median
   update, thresholded like zscore. It needs the updates, not the matrix, so the
@@ -215,11 +216,14 @@ def multikrum_detector(evidence: Evidence, n: int, f: int | None) -> Verdict:
   order = np.full(m, m, float)
   remaining = list(range(m))
   k = max(1, m - f - 2)
+  full = krum_scores(d, f, min(k, max(m - 1, 1))) if m > 1 else np.zeros(m)
   for rank in range(m):
     sub = d[np.ix_(remaining, remaining)]
     s = (krum_scores(sub, f, min(k, len(remaining) - 1))
          if len(remaining) > 1 else np.zeros(1))
-    pick = remaining[int(np.argmin(s))]
+    # Ties (e.g. the last two, each other's only neighbour) are broken by the
+    # Krum score in the whole set.
+    pick = remaining[int(np.lexsort((full[remaining], s))[0])]
     order[pick] = rank
     remaining.remove(pick)
   scores = np.zeros(n)

@@ -188,9 +188,9 @@ def _tile_starts(n: int, block: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _mirror_upper(d: jax.Array) -> jax.Array:
   """Exactly symmetric matrix from the upper triangle of `d`."""
-  n = d.shape[0]
-  upper = jnp.arange(n)[:, None] <= jnp.arange(n)[None, :]
-  return jnp.where(upper, d, d.T)
+  # Not jnp.where(iota_mask, d, d.T): that fusion segfaults on the XLA CPU
+  # backend of jax 0.10.2 for n >= 1024.
+  return jnp.triu(d) + jnp.triu(d, 1).T
 
 
 def _finalize(d: jax.Array, bad: jax.Array) -> jax.Array:
