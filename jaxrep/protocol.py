@@ -273,6 +273,8 @@ class SimResult:
   members: list
   wall_seconds: float
   notes: list
+  recorded: dict = dataclasses.field(default_factory=dict)
+  recorded_median: list = dataclasses.field(default_factory=list)
 
   def summary(self) -> dict:
     mal = self.malicious
@@ -335,9 +337,22 @@ def _client_asr(model, params, model_state, behaviour, ds, malicious):
 
 
 def run(config: SimConfig, *, progress: bool = True,
-        log: Callable[[str], None] | None = None,
-        dataset: data_lib.Dataset | None = None) -> SimResult:
-  """Runs one simulation end to end (see module docstring)."""
+        dataset: data_lib.Dataset | None = None,
+        record_metrics: tuple[str, ...] = ()) -> SimResult:
+  """Runs one simulation end to end (see module docstring).
+
+  Args:
+    config: the simulation.
+    progress: show a progress bar over sub-runs (stderr).
+    dataset: an already loaded dataset (else `config.dataset` is loaded).
+    record_metrics: further metrics whose matrices are computed and recorded
+      at every replicated sub-run (in `SimResult.recorded`), so that other
+      metric/detector pairs can be evaluated on the same sub-runs with
+      `replay` (the client's trajectory follows config.metric/detector).
+  """
+  for m in record_metrics:
+    require(m in METRICS, "record_metrics",
+            f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
   config.validate()
   t0 = time.perf_counter()
   ds = dataset if dataset is not None else data_lib.load_dataset(
@@ -378,6 +393,8 @@ def run(config: SimConfig, *, progress: bool = True,
   scores = np.zeros(n)
   evidence = detect_lib.Evidence()
   median_evidence: list[np.ndarray] = []
+  recorded: dict[str, list[np.ndarray]] = {m: [] for m in record_metrics}
+  recorded_median: list[np.ndarray] = []
   notes: list[str] = []
   krum_f = None if config.krum_f < 0 else config.krum_f
 
@@ -398,11 +415,19 @@ def run(config: SimConfig, *, progress: bool = True,
                           jax.random.fold_in(root, 2000 + s))
       members = active.copy()
       evidence.add(d, members)
-      if config.detector == "median":
+      for m in record_metrics:
+        recorded[m].append(d if m == config.metric else model_distances(
+            dataclasses.replace(config, metric=m), model, client[0], out,
+            probe_x, jax.random.fold_in(root, 2000 + s)))
+      if config.detector == "median" or record_metrics:
         rows = train_lib.flatten_population(
             dist_lib.updates(client[0], out.params))
-        median_evidence.append(np.asarray(
-            detect_lib.median_distances(rows, jnp.asarray(members))))
+        med = np.asarray(detect_lib.median_distances(
+            rows, jnp.asarray(members)))
+        median_evidence.append(med)
+        # For replay: distances to the median of ALL providers' updates.
+        recorded_median.append(np.asarray(detect_lib.median_distances(
+            rows, jnp.ones(n, bool))))
       verdict = detect_lib.detect(config.detector, evidence, n,
                                   alpha=config.alpha, krum_f=krum_f,
                                   ks_margin=config.ks_margin,
@@ -466,7 +491,7 @@ def run(config: SimConfig, *, progress: bool = True,
       client=client_report, no_defense=nodef_report,
       replicated_subruns=list(replicated), matrices=evidence.matrices,
       members=evidence.members, wall_seconds=time.perf_counter() - t0,
-      notes=notes)
+      notes=notes, recorded=recorded, recorded_median=recorded_median)
 
 
 def _final_model_report(model, state, behaviour, ds, malicious) -> dict:
@@ -478,3 +503,37 @@ def _final_model_report(model, state, behaviour, ds, malicious) -> dict:
                            malicious)
   return {"clean_accuracy": acc, "attack_success_rate": worst,
           "attack_success_rate_per_trigger": per}
+
+
+def replay(matrices: list[np.ndarray], n: int, detector: str, *,
+           alpha: float = 0.01, ks_margin: float = 10.0,
+           krum_f: int | None = None,
+           median_distances: list[np.ndarray] | None = None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Replays the client's sequential detection on recorded matrices.
+
+  Same rule as `run`: after each replicated sub-run the detector sees the
+  evidence pooled so far among the still-trusted providers, and flagged
+  providers are excluded from then on. Returns (flags, flagged_at index of the
+  replicated sub-run or -1, scores).
+  """
+  active = np.ones(n, bool)
+  flagged_at = np.full(n, -1)
+  scores = np.zeros(n)
+  evidence = detect_lib.Evidence()
+  med_ev: list[np.ndarray] = []
+  for r, d in enumerate(matrices):
+    if active.sum() < 2:
+      break
+    members = active.copy()
+    evidence.add(d, members)
+    if median_distances is not None:
+      med_ev.append(median_distances[r])
+    verdict = detect_lib.detect(detector, evidence, n, alpha=alpha,
+                                krum_f=krum_f, ks_margin=ks_margin,
+                                median_evidence=med_ev or None)
+    scores[members] = np.asarray(verdict.scores)[members]
+    new = verdict.flags & active
+    flagged_at[new] = r
+    active &= ~new
+  return flagged_at >= 0, flagged_at, scores
