@@ -3,13 +3,28 @@
 n simulated cloud providers train the same k-step sub-run of a model in one
 vmapped, jit-compiled computation; pairwise distance kernels and detectors then
 flag the providers that planted a backdoor.
+
+Data flows one way:
+
+    config -> data -> population (params, opt state, behaviour per provider)
+           -> sub-run (k steps, lax.scan, vmap over providers, jit)
+           -> distances (n x n per metric) -> detector -> metrics / report
 """
 
+__version__ = "0.1.0"
+
 from jaxrep.errors import ConfigError
+from jaxrep.data import Dataset, batch_schedule, load_dataset
 from jaxrep.divergence import Divergence, DivergenceConfig, make_divergence
 from jaxrep.models import MODELS, Model, get_model, num_params
 from jaxrep.train import (Hooks, Population, TrainConfig, Trainer, evaluate,
                           flatten_population, make_optimizer, make_trainer,
                           provider_keys, updates)
-
-__version__ = "0.1.0"
+from jaxrep.attacks import (ATTACKS, BadNets, Behaviour, Blend, LabelFlip,
+                            Scaling, Warp, attack_success_rate, make_behaviour,
+                            make_hooks, population_specs)
+from jaxrep.distances import (cka_distances, output_distances,
+                              pairwise_distances, zest_distances)
+from jaxrep.detect import DETECTORS, Evidence, Verdict, detect
+from jaxrep.metrics import auroc, fpr, roc_curve, tpr
+from jaxrep.protocol import METRICS, SimConfig, SimResult, replay, run

@@ -304,7 +304,7 @@ class _GramStats(NamedTuple):
   sq: jax.Array      # [n] centred squared norms |y_i|^2
   cross: jax.Array   # [n] y_i . c (cosine only)
   norm2: jax.Array   # [n] |x_i|^2 (cosine only)
-  bad: jax.Array     # [n] bool, non-finite rows
+  bad: jax.Array     # [n] bool, rows with a non-finite squared norm
 
 
 def _gram_stats(leaves: list[_Leaf], centre, chunk: int,
@@ -315,35 +315,34 @@ def _gram_stats(leaves: list[_Leaf], centre, chunk: int,
 
   def fold(leaf):
     def fn(carry, start, size):
-      g, sq, cross, norm2, bad = carry
+      g, sq, cross, norm2 = carry
+      # Rows are not sanitized: a matrix product keeps a non-finite row i
+      # inside row / column i, and such rows are detected from their
+      # non-finite squared norm. Only the centre must be finite.
       x = _cols(leaf.x, start, size)
-      finite = jnp.isfinite(x)
-      x = jnp.where(finite, x, 0)
-      bad = bad | ~jnp.all(finite, axis=1)
       if leaf.base is None:
         c = lax.dynamic_index_in_dim(x, centre, axis=0, keepdims=False)
-        y = x - c[None, :]
       else:
         c = _cols(leaf.base, start, size)
-        c = jnp.where(jnp.isfinite(c), c, 0)
-        y = x
+      c = jnp.where(jnp.isfinite(c), c, 0)
+      y = x - c[None, :] if leaf.base is None else x
       g = _kahan_add(g, jnp.dot(y, y.T, precision=_HI))
       sq = _kahan_add(sq, jnp.sum(y * y, axis=1))
       if cosine:
         cross = _kahan_add(cross, jnp.dot(y, c, precision=_HI))
         full = x if leaf.base is None else c[None, :] + y
         norm2 = _kahan_add(norm2, jnp.sum(full * full, axis=1))
-      return g, sq, cross, norm2, bad
+      return g, sq, cross, norm2
     return fn
 
   zn = jnp.zeros((n,), dtype)
   zz = jnp.zeros((n, n), dtype)
-  carry = ((zz, zz), (zn, zn), (zn, zn), (zn, zn), jnp.zeros((n,), bool))
+  carry = ((zz, zz), (zn, zn), (zn, zn), (zn, zn))
   for leaf in leaves:
     carry = _fold_chunks(leaf.x.shape[1], chunk, fold(leaf), carry)
-  g, sq, cross, norm2, bad = carry
+  g, sq, cross, norm2 = carry
   g, sq, cross, norm2 = g[0], sq[0], cross[0], norm2[0]
-  bad = bad | ~jnp.isfinite(sq) | ~jnp.isfinite(norm2)
+  bad = ~jnp.isfinite(sq) | ~jnp.isfinite(norm2)
   return _GramStats(g, sq, cross, norm2, bad)
 
 

@@ -1,0 +1,566 @@
+"""Throughput of the replicated sub-run against the ways peers run clients.
+
+Run (default grid; about 10-15 minutes on the shared 2-core CPU):
+
+  PYTHONPATH=. python experiments/bench_throughput.py --json out/bench_throughput.json
+  PYTHONPATH=. python experiments/bench_throughput.py --quick      # smoke run
+
+For every model (digits-MLP, Fashion-MNIST-CNN) and every N it measures, in
+one process, provider-steps per second of:
+
+* `replicated`: jaxrep's jit-compiled, vmapped k-step `Trainer.sub_run` for N
+  providers (default divergence: per-provider batch permutation);
+* `jax_loop`: a Python loop over a jitted single-provider step
+  (`jax.jit(trainer.single_step)`), for each provider, for each step, as
+  FedJAX-style simulators run clients. Batches and step keys are prepared on
+  the device before timing, so only the step calls are timed;
+* `torch_loop`: the same loop in PyTorch (2 threads) over an `nn.Sequential`
+  mirror of the model (same layers, parameter count and initial weights, SGD
+  momentum 0.9, same batches), as Blades, ByzFL and backdoors101 run clients.
+  Skipped, with a message, when torch is not installed.
+
+The two loops cost the same per provider-step whatever N is, so they are timed
+on a subset of `--loop-providers` providers and the per-provider-step rate is
+extrapolated to larger N (marked `extrapolated` in the table and JSON).
+
+The ceiling is this machine's float32 GEMM rate: jnp.matmul of 1024^2 and
+2048^2 float32 matrices at Precision.HIGHEST, median of repeats (numpy's
+matmul is reported for reference). Achieved GFLOP/s use the analytic FLOP count
+(sum of forward dot/conv FLOPs of the model's jaxpr, x3 for forward + backward);
+XLA's cost analysis of the compiled sub-run is reported next to it.
+
+Timing: compile ahead of time, one warm-up call, then the median of
+`--repeats` calls with `jax.block_until_ready`. A replicated measurement whose
+predicted run time (from the rate at the previous, smaller N) exceeds
+`--budget` seconds is run with fewer steps k and/or fewer repeats; every such
+reduction is printed and stored in the JSON. The machine is shared: the load
+average is recorded before every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jax_core
+
+from jaxrep import data as data_lib
+from jaxrep import divergence as div_lib
+from jaxrep import models
+from jaxrep import train
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+DATASET_OF = {"mlp": "digits", "cnn": "fashion-mnist"}
+METHODS = ("replicated", "jax_loop", "torch_loop")
+
+
+def load_avg() -> list[float]:
+  return [round(v, 2) for v in os.getloadavg()]
+
+
+def median_time(fn, repeats: int) -> tuple[float, list[float]]:
+  """Median wall time of `repeats` calls of fn() (fn blocks until done)."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times), times
+
+
+# ----------------------------------------------------------------------------
+# The ceiling.
+
+
+def gemm_gflops(sizes=(1024, 2048), repeats: int = 5) -> dict:
+  """float32 GEMM GFLOP/s of jnp.matmul (HIGHEST) and numpy, per size."""
+  out = {}
+  for n in sizes:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(lambda a, b: jnp.matmul(
+        a, b, precision=jax.lax.Precision.HIGHEST))
+    jax.block_until_ready(mm(a, b))
+    t, _ = median_time(lambda: jax.block_until_ready(mm(a, b)), repeats)
+    out[f"jax_{n}"] = 2 * n**3 / t / 1e9
+    an, bn = np.asarray(a), np.asarray(b)
+    np.matmul(an, bn)
+    t, _ = median_time(lambda: np.matmul(an, bn), repeats)
+    out[f"numpy_{n}"] = 2 * n**3 / t / 1e9
+  out["peak"] = max(v for k, v in out.items() if k.startswith("jax_"))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# FLOP counts.
+
+
+def _jaxpr_matmul_flops(jaxpr) -> int:
+  """2 x MACs of every dot_general / conv in a (closed) jaxpr, recursively."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      k = math.prod(lhs[d] for d in lhs_contract)
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * k
+    elif name == "conv_general_dilated":
+      rhs = eqn.invars[1].aval.shape
+      spec = eqn.params["dimension_numbers"].rhs_spec   # (out, in, spatial..)
+      k = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
+      total += 2 * math.prod(eqn.outvars[0].aval.shape) * k
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      total += _jaxpr_matmul_flops(getattr(sub, "jaxpr", sub))
+  return total
+
+
+def analytic_step_flops(model, params, model_state, batch: int) -> dict:
+  """Forward and training FLOPs of one provider-step on `batch` examples."""
+  x = jnp.zeros((batch, *model.input_shape), jnp.float32)
+  jaxpr = jax.make_jaxpr(
+      lambda p: model.apply(p, model_state, x, train=True)[0][0])(params)
+  fwd = _jaxpr_matmul_flops(jaxpr.jaxpr)
+  return {"forward": fwd, "train": 3 * fwd}
+
+
+def xla_flops(compiled) -> float | None:
+  """'flops' of XLA's cost analysis (dict or list of dicts, by version)."""
+  try:
+    ca = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else None
+  if not isinstance(ca, dict) or "flops" not in ca:
+    return None
+  return float(ca["flops"])
+
+
+# ----------------------------------------------------------------------------
+# Set-up shared by all methods.
+
+
+class Case:
+  """One model on its dataset: data, trainer, initial checkpoint, schedule."""
+
+  def __init__(self, name: str, steps: int, batch: int, seed: int = 0):
+    self.name = name
+    if DATASET_OF[name] == "digits":
+      ds = data_lib.load_dataset("digits")
+    else:
+      ds = data_lib.load_dataset("idx", FASHION_DIR)
+    self.dataset = DATASET_OF[name]
+    self.ds = ds
+    self.steps, self.batch = steps, batch
+    self.model = models.get_model(name, ds.num_classes, ds.input_shape)
+    self.config = train.TrainConfig(learning_rate=0.05, momentum=0.9,
+                                    batch_size=batch)
+    self.div_config = div_lib.DivergenceConfig()
+    self.trainer = train.make_trainer(self.model, self.config, self.div_config)
+    self.params, self.model_state = self.model.init(jax.random.key(seed))
+    self.x_dev = jnp.asarray(ds.x_train)
+    self.y_dev = jnp.asarray(ds.y_train)
+    self.seed = seed
+    self.flops = analytic_step_flops(self.model, self.params,
+                                     self.model_state, batch)
+    self.num_params = models.num_params(self.params)
+
+  def schedule(self, k: int) -> np.ndarray:
+    return data_lib.batch_schedule(self.seed, 0, k, self.batch,
+                                   self.ds.x_train.shape[0])
+
+
+# ----------------------------------------------------------------------------
+# Method 1: the replicated sub-run.
+
+
+def bench_replicated(case: Case, n: int, k: int, repeats: int) -> dict:
+  trainer = case.trainer
+  pop = trainer.replicate(case.params, case.model_state, n)
+  schedule = jnp.asarray(case.schedule(k))
+  keys = train.provider_keys(jax.random.key(1), n)
+  div = div_lib.make_divergence(case.div_config, n)
+  args = (pop, case.x_dev, case.y_dev, schedule, keys, div, jnp.zeros(n))
+  start = time.perf_counter()
+  compiled = trainer.sub_run.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  run = lambda: jax.block_until_ready(compiled(*args))
+  start = time.perf_counter()
+  run()                                               # warm-up
+  warmup_s = time.perf_counter() - start
+  if repeats > 0:
+    t, times = median_time(run, repeats)
+  else:                      # budget exhausted: the warm-up call is the datum
+    t, times = warmup_s, [warmup_s]
+  return {"seconds": t, "times": times, "warmup_s": warmup_s,
+          "compile_s": compile_s, "k": k, "repeats": len(times),
+          "warmup_used_as_measurement": repeats == 0,
+          "provider_steps_per_s": n * k / t,
+          "xla_flops_per_subrun": xla_flops(compiled)}
+
+
+# ----------------------------------------------------------------------------
+# Method 2: Python loop over a jitted single-provider step.
+
+
+def bench_jax_loop(case: Case, providers: int, k: int, repeats: int) -> dict:
+  step = jax.jit(case.trainer.single_step)
+  opt_state = case.trainer.optimizer.init(case.params)
+  schedule = case.schedule(k)
+  xs = [jnp.asarray(case.ds.x_train[schedule[t]]) for t in range(k)]
+  ys = [jnp.asarray(case.ds.y_train[schedule[t]]) for t in range(k)]
+  keys = train.provider_keys(jax.random.key(1), providers)
+  step_keys = [[jax.random.fold_in(keys[p], t) for t in range(k)]
+               for p in range(providers)]
+  div = div_lib.make_divergence(case.div_config, providers)
+  divs = [jax.tree_util.tree_map(lambda a, p=p: a[p], div)
+          for p in range(providers)]
+  behaviour = jnp.zeros(())
+
+  def run():
+    out = []
+    for p in range(providers):
+      params, opt, state = case.params, opt_state, case.model_state
+      for t in range(k):
+        params, opt, state, _ = step(params, opt, state, xs[t], ys[t],
+                                     step_keys[p][t], divs[p], behaviour)
+      out.append(params)
+    jax.block_until_ready(out)
+
+  run()                                               # warm-up / compile
+  t, times = median_time(run, repeats)
+  return {"seconds": t, "times": times, "providers_timed": providers, "k": k,
+          "repeats": repeats, "provider_steps_per_s": providers * k / t}
+
+
+# ----------------------------------------------------------------------------
+# Method 3: PyTorch per-provider loop.
+
+
+def torch_setup(case: Case) -> dict | None:
+  """Builds and checks the PyTorch mirror; None when torch is missing."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    import _torch_models  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return {"skipped": f"torch not importable ({e})"}
+  torch.set_num_threads(2)
+  module = _torch_models.build(case.name, case.model.num_classes,
+                               case.model.input_shape)
+  _torch_models.load_flax_params(module, case.params)
+  n_torch = _torch_models.num_params(module)
+  # Same function: compare logits of the mirror and of jaxrep on one batch.
+  x = case.ds.x_train[:case.batch]
+  jax_logits = np.asarray(case.model.predict(case.params, case.model_state,
+                                             jnp.asarray(x))[0])
+  with torch.no_grad():
+    torch_logits = module(_torch_models.to_input(case.name, x)).numpy()
+  return {"torch": torch, "lib": _torch_models, "module": module,
+          "version": torch.__version__, "num_params": n_torch,
+          "params_match": n_torch == case.num_params,
+          "max_abs_logit_diff": float(np.max(np.abs(jax_logits -
+                                                    torch_logits)))}
+
+
+def bench_torch_loop(case: Case, setup: dict, providers: int, k: int,
+                     repeats: int) -> dict:
+  torch, lib = setup["torch"], setup["lib"]
+  schedule = case.schedule(k)
+  xs = [lib.to_input(case.name, case.ds.x_train[schedule[t]])
+        for t in range(k)]
+  ys = [torch.from_numpy(case.ds.y_train[schedule[t]].astype(np.int64))
+        for t in range(k)]
+  state = {k_: v.clone() for k_, v in setup["module"].state_dict().items()}
+  replicas = []
+  for _ in range(providers):
+    module = lib.build(case.name, case.model.num_classes,
+                       case.model.input_shape)
+    replicas.append(module)
+  gen = torch.Generator().manual_seed(0)
+  loss_fn = torch.nn.CrossEntropyLoss()
+
+  def run():
+    for module in replicas:          # each provider starts at the checkpoint
+      module.load_state_dict(state)
+      opt = torch.optim.SGD(module.parameters(), lr=case.config.learning_rate,
+                            momentum=case.config.momentum)
+      for t in range(k):
+        perm = torch.randperm(case.batch, generator=gen)  # as jaxrep permutes
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(module(xs[t][perm]), ys[t][perm])
+        loss.backward()
+        opt.step()
+
+  run()                                               # warm-up
+  t, times = median_time(run, repeats)
+  return {"seconds": t, "times": times, "providers_timed": providers, "k": k,
+          "repeats": repeats, "provider_steps_per_s": providers * k / t,
+          "note": "timed loop includes load_state_dict + optimizer creation "
+                  "per provider (negligible next to k steps)"}
+
+
+# ----------------------------------------------------------------------------
+# Driver.
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--n", type=int, nargs="+", default=[1, 16, 64, 256],
+                 help="population sizes N")
+  p.add_argument("--models", nargs="+", default=["mlp", "cnn"],
+                 choices=sorted(DATASET_OF),
+                 help="mlp runs on digits, cnn on Fashion-MNIST")
+  p.add_argument("--steps", type=int, default=10, help="steps per sub-run k")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--loop-providers", type=int, default=16,
+                 help="providers timed in the loop baselines (extrapolated "
+                      "per provider-step beyond that)")
+  p.add_argument("--budget", type=float, default=90.0,
+                 help="target seconds per replicated measurement; larger "
+                      "predicted runs get fewer steps/repeats (recorded)")
+  p.add_argument("--quick", action="store_true",
+                 help="smoke run: N in {1, 4}, k=3, 2 repeats")
+  p.add_argument("--json", help="write the figures to this JSON file")
+  args = p.parse_args(argv)
+  if args.quick:
+    args.n, args.steps, args.repeats, args.loop_providers = [1, 4], 3, 2, 2
+  args.n = sorted(set(args.n))
+  return args
+
+
+def plan_replicated(prev_rate, n, k, repeats, budget):
+  """(k, repeats, note) so that warm-up + repeats fit the budget, if known."""
+  if prev_rate is None:
+    return k, repeats, ""
+  per_step = n / prev_rate                  # predicted seconds per sub-run step
+  calls = repeats + 1
+  if per_step * k * calls <= budget:
+    return k, repeats, ""
+  new_repeats = max(0, min(repeats, int(budget // (per_step * k)) - 1))
+  if new_repeats >= 1:
+    return k, new_repeats, f"repeats {repeats}->{new_repeats} (budget)"
+  new_k = max(1, min(k, int(budget // (2 * per_step))))
+  if per_step * new_k * 2 <= budget:
+    return new_k, 1, f"k {k}->{new_k}, 1 repeat (budget)"
+  new_k = max(1, min(k, int(budget // per_step)))
+  return new_k, 0, (f"k {k}->{new_k}, single call (warm-up = measurement; "
+                    "budget)")
+
+
+def fmt(v, spec):
+  return "-" if v is None else format(v, spec)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} CPUs, python {platform.python_version()}")
+  print(f"load average at start: {load_avg()}")
+  gemm = gemm_gflops()
+  print("float32 GEMM GFLOP/s: " + ", ".join(
+      f"{k}={v:.1f}" for k, v in gemm.items()))
+  peak = gemm["peak"]
+  result = {
+      "machine": {"jax": jax.__version__, "cpus": os.cpu_count(),
+                  "platform": platform.platform()},
+      "config": {"n": args.n, "models": args.models, "steps": args.steps,
+                 "batch": args.batch, "repeats": args.repeats,
+                 "loop_providers": args.loop_providers,
+                 "budget_s": args.budget, "quick": args.quick,
+                 "optimizer": "sgd lr 0.05 momentum 0.9",
+                 "divergence": "default (per-provider batch permutation)"},
+      "load_avg_start": load_avg(),
+      "gemm_gflops": gemm,
+      "provider_steps_per_s": {},
+      "achieved_gflops": {},
+      "percent_of_gemm_peak": {},
+      "speedup": {},
+      "flops": {},
+      "details": {},
+      "load_avg": {},
+      "notes": [],
+  }
+  rows = []
+  for name in args.models:
+    case = Case(name, args.steps, args.batch)
+    fl = case.flops["train"]
+    print(f"\n== {name} on {case.dataset} {case.model.input_shape}, "
+          f"{case.num_params} params, analytic {fl / 1e6:.2f} MFLOP per "
+          f"provider-step (batch {args.batch}, fwd {case.flops['forward'] / 1e6:.2f} x3)")
+    torch_info = torch_setup(case)
+    if "skipped" in torch_info:
+      print(f"torch baseline skipped: {torch_info['skipped']}")
+    else:
+      print(f"torch {torch_info['version']} mirror: {torch_info['num_params']} "
+            f"params (jaxrep {case.num_params}, match="
+            f"{torch_info['params_match']}), max |logit diff| on one batch "
+            f"{torch_info['max_abs_logit_diff']:.2e}")
+    rates = {m: {} for m in METHODS}
+    details = {m: {} for m in METHODS}
+    loads = {}
+    # Loop baselines: timed once per distinct provider count.
+    loop_cache = {}
+    for n in args.n:
+      p = min(n, args.loop_providers)
+      if p not in loop_cache:
+        loads[f"jax_loop_{p}"] = load_avg()
+        jl = bench_jax_loop(case, p, args.steps, args.repeats)
+        tl = None
+        if "skipped" not in torch_info:
+          loads[f"torch_loop_{p}"] = load_avg()
+          tl = bench_torch_loop(case, torch_info, p, args.steps, args.repeats)
+        loop_cache[p] = (jl, tl)
+        print(f"  loops over {p} providers x {args.steps} steps: jax "
+              f"{jl['provider_steps_per_s']:.1f} provider-steps/s"
+              + (f", torch {tl['provider_steps_per_s']:.1f}" if tl else ""),
+              flush=True)
+      jl, tl = loop_cache[p]
+      for method, res in (("jax_loop", jl), ("torch_loop", tl)):
+        if res is None:
+          continue
+        rates[method][n] = res["provider_steps_per_s"]
+        details[method][n] = {**res, "extrapolated": n > p}
+    prev_rate = None
+    for n in args.n:
+      k, reps, note = plan_replicated(prev_rate, n, args.steps, args.repeats,
+                                      args.budget)
+      if note:
+        print(f"  N={n}: {note}")
+      loads[f"replicated_{n}"] = load_avg()
+      res = bench_replicated(case, n, k, reps)
+      res["budget_note"] = note
+      prev_rate = res["provider_steps_per_s"]
+      rates["replicated"][n] = prev_rate
+      details["replicated"][n] = res
+      xf = res["xla_flops_per_subrun"]
+      res["analytic_flops_per_subrun"] = fl * n * k
+      res["xla_over_analytic"] = None if xf is None else xf / (fl * n * k)
+      print(f"  replicated N={n} k={k}: {prev_rate:.1f} provider-steps/s "
+            f"(median of {res['repeats']}: {res['seconds']:.3f} s, compile "
+            f"{res['compile_s']:.1f} s), XLA cost-analysis flops "
+            f"{fmt(xf, '.3g')} = {fmt(res['xla_over_analytic'], '.3f')} x "
+            f"analytic (n*k*{fl / 1e6:.1f}M)", flush=True)
+    # Table rows.
+    for n in args.n:
+      base_jax = rates["jax_loop"].get(n)
+      base_torch = rates["torch_loop"].get(n)
+      for method in METHODS:
+        r = rates[method].get(n)
+        if r is None:
+          rows.append((name, n, method, None, None, None, None, None,
+                       "skipped (torch not installed)"))
+          continue
+        d = details[method][n]
+        note = []
+        if d.get("extrapolated"):
+          note.append(f"extrapolated from {d['providers_timed']} providers")
+        if method == "replicated":
+          if d["k"] != args.steps:
+            note.append(f"k={d['k']}")
+          if d["repeats"] < args.repeats:
+            note.append(f"{d['repeats']} run(s)")
+        gf = r * fl / 1e9
+        rows.append((name, n, method, r, gf, 100 * gf / peak,
+                     r / base_jax if base_jax else None,
+                     r / base_torch if base_torch else None, "; ".join(note)))
+    result["provider_steps_per_s"][name] = {
+        m: {str(n): v for n, v in rates[m].items()} for m in METHODS}
+    result["achieved_gflops"][name] = {
+        m: {str(n): v * fl / 1e9 for n, v in rates[m].items()}
+        for m in METHODS}
+    result["percent_of_gemm_peak"][name] = {
+        m: {str(n): 100 * v * fl / 1e9 / peak for n, v in rates[m].items()}
+        for m in METHODS}
+    result["speedup"][name] = {
+        f"replicated_vs_{b}": {
+            str(n): rates["replicated"][n] / rates[b][n]
+            for n in args.n if n in rates[b]}
+        for b in ("jax_loop", "torch_loop")}
+    result["flops"][name] = {
+        "analytic_forward_per_provider_step": case.flops["forward"],
+        "analytic_train_per_provider_step": fl,
+        "used_for_gflops": "analytic (forward dot/conv FLOPs of the jaxpr x3)",
+        "xla_cost_analysis_per_subrun": {
+            str(n): details["replicated"][n]["xla_flops_per_subrun"]
+            for n in args.n},
+        "xla_over_analytic": {
+            str(n): details["replicated"][n]["xla_over_analytic"]
+            for n in args.n}}
+    result["details"][name] = {
+        "dataset": case.dataset, "num_params": case.num_params,
+        "torch": ({"skipped": torch_info["skipped"]} if "skipped" in torch_info
+                  else {k_: torch_info[k_] for k_ in
+                        ("version", "num_params", "params_match",
+                         "max_abs_logit_diff")}),
+        **{m: {str(n): {k_: v for k_, v in d.items()}
+               for n, d in details[m].items()} for m in METHODS}}
+    result["load_avg"][name] = loads
+
+  result["load_avg_end"] = load_avg()
+  # Targets at the largest N, on the CNN (or the last model).
+  nmax = str(args.n[-1])
+  target_model = "cnn" if "cnn" in args.models else args.models[-1]
+  sp = result["speedup"][target_model]
+  pct = result["percent_of_gemm_peak"][target_model]["replicated"][nmax]
+  targets = {
+      "model": target_model, "n": int(nmax),
+      "vs_jax_loop": sp["replicated_vs_jax_loop"].get(nmax),
+      "vs_torch_loop": sp["replicated_vs_torch_loop"].get(nmax),
+      "percent_of_gemm_peak": pct}
+  targets["met"] = {
+      "vs_jax_loop>=2": (targets["vs_jax_loop"] or 0) >= 2,
+      "vs_torch_loop>=3": (None if targets["vs_torch_loop"] is None
+                           else targets["vs_torch_loop"] >= 3),
+      "gemm>=30%": pct >= 30}
+  result["targets"] = targets
+  result["notes"] = [
+      "jax_loop / torch_loop at N > loop_providers are extrapolated per "
+      "provider-step from a timed subset (a per-provider loop's rate does not "
+      "depend on N).",
+      "achieved GFLOP/s = provider-steps/s x analytic train FLOPs per "
+      "provider-step (forward dot/conv FLOPs x3; ignores elementwise ops and "
+      "that the first layer needs no input gradient).",
+      "XLA cost analysis counts the body of the scan (while loop) once, so it "
+      "is compared to the analytic count of the whole sub-run for reference "
+      "only.",
+  ]
+
+  print(f"\nGEMM peak (jnp.matmul float32 HIGHEST, max over sizes): "
+        f"{peak:.1f} GFLOP/s; numpy: " + ", ".join(
+            f"{k}={v:.1f}" for k, v in gemm.items() if k.startswith("numpy")))
+  print(f"load average: start {result['load_avg_start']}, end "
+        f"{result['load_avg_end']} ({os.cpu_count()} CPUs, shared machine)\n")
+  header = (f"{'model':5} {'N':>4} {'method':11} {'prov-steps/s':>12} "
+            f"{'GFLOP/s':>8} {'%GEMM':>6} {'vs jax':>7} {'vs torch':>8}  note")
+  print(header)
+  print("-" * len(header))
+  for (m, n, method, r, gf, pc, vj, vt, note) in rows:
+    print(f"{m:5} {n:>4} {method:11} {fmt(r, '12.1f')} {fmt(gf, '8.2f')} "
+          f"{fmt(pc, '6.1f')} {fmt(vj, '7.2f')} {fmt(vt, '8.2f')}  {note}")
+  t = targets
+  print(f"\ntargets ({t['model']}, N={t['n']}): vs jax loop "
+        f"{fmt(t['vs_jax_loop'], '.2f')}x (>= 2: {t['met']['vs_jax_loop>=2']}), "
+        f"vs torch loop {fmt(t['vs_torch_loop'], '.2f')}x (>= 3: "
+        f"{t['met']['vs_torch_loop>=3']}), {t['percent_of_gemm_peak']:.1f} % "
+        f"of GEMM peak (>= 30: {t['met']['gemm>=30%']})")
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1, default=float)
+    print(f"wrote {args.json}")
+  return result
+
+
+if __name__ == "__main__":
+  sys.exit(main() and 0)
