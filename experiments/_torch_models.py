@@ -70,11 +70,11 @@ def load_flax_params(module: nn.Sequential, params) -> None:
     for key, layer in zip(convs, torch_convs):
       kernel = np.asarray(params[key]["kernel"])           # HWIO
       layer.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
-      layer.bias.copy_(torch.from_numpy(np.asarray(params[key]["bias"])))
+      layer.bias.copy_(torch.from_numpy(np.array(params[key]["bias"])))
     for key, layer in zip(denses, torch_denses):
       kernel = np.asarray(params[key]["kernel"])           # [in, out]
       layer.weight.copy_(torch.from_numpy(kernel.T.copy()))
-      layer.bias.copy_(torch.from_numpy(np.asarray(params[key]["bias"])))
+      layer.bias.copy_(torch.from_numpy(np.array(params[key]["bias"])))
 
 
 def to_input(name: str, x_nhwc: np.ndarray) -> torch.Tensor:

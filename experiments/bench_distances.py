@@ -7,7 +7,9 @@ Run (default grid, about 5-10 minutes on a 2-core CPU):
 For every (n providers, P parameters) it measures, in the same process:
 
 * the machine's float32 GEMM rate: jnp.dot(x, x.T) on the same [n, P] array,
-  Precision.HIGHEST (the ceiling for the Gram-based kernels);
+  Precision.HIGHEST (the ceiling for the Gram-based kernels), timed
+  interleaved with each kernel's runs so that the "% of GEMM" ratio is robust
+  to the load of a shared machine;
 * each kernel of `pairwise_distances` (l2, cosine, l1, linf): median wall time
   of `--repeats` runs after a warm-up compile, with block_until_ready;
 * scipy.spatial.distance.pdist on the float64 copy (what scipy computes in),
@@ -76,6 +78,23 @@ def timed(fn, repeats):
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
   return statistics.median(times)
+
+
+def timed_pair(fn, ref, repeats):
+  """Median times of fn() and ref() with their runs interleaved.
+
+  On a shared machine the load changes between measurements; interleaving
+  makes the kernel / GEMM ratio robust to that.
+  """
+  jax.block_until_ready(fn())
+  jax.block_until_ready(ref())
+  t_fn, t_ref = [], []
+  for _ in range(repeats):
+    for f, ts in ((ref, t_ref), (fn, t_fn)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f())
+      ts.append(time.perf_counter() - t0)
+  return statistics.median(t_fn), statistics.median(t_ref)
 
 
 def timed_host(fn, repeats):
@@ -150,10 +169,12 @@ def run_case(n, p, args, pred, rows):
     fn = lambda: distances.pairwise_distances(x, metric, **opts)
     est = pred.predict(metric, work)
     t_k = None
+    t_ref = t_gemm
     if est is None or est <= args.budget * 3:
-      t_k = timed(fn, args.repeats)
+      t_k, t_ref = timed_pair(fn, lambda: gemm(x), args.repeats)
       pred.record(metric, work, t_k)
     gflops = None if t_k is None else flops / t_k / 1e9
+    ref_gflops = 2 * work / t_ref / 1e9
 
     # scipy pdist in float64 (what it computes in).
     t_sp = None
@@ -176,8 +197,8 @@ def run_case(n, p, args, pred, rows):
 
     row = dict(n=n, P=p, metric=metric, flops=flops,
                kernel_s=t_k, kernel_gflops=gflops,
-               gemm_s=t_gemm, gemm_gflops=gemm_gflops,
-               frac_gemm=(None if gflops is None else gflops / gemm_gflops),
+               gemm_s=t_ref, gemm_gflops=ref_gflops,
+               frac_gemm=(None if gflops is None else gflops / ref_gflops),
                scipy_s=t_sp,
                speedup_scipy=(None if t_k is None or t_sp is None
                               else t_sp / t_k),

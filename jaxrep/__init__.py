@@ -25,6 +25,6 @@ from jaxrep.attacks import (ATTACKS, BadNets, Behaviour, Blend, LabelFlip,
                             make_hooks, population_specs)
 from jaxrep.distances import (cka_distances, output_distances,
                               pairwise_distances, zest_distances)
-from jaxrep.detect import DETECTORS, Evidence, Verdict, detect
+from jaxrep.detect import DETECTORS, Evidence, Verdict
 from jaxrep.metrics import auroc, fpr, roc_curve, tpr
 from jaxrep.protocol import METRICS, SimConfig, SimResult, replay, run

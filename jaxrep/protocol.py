@@ -37,13 +37,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrep import attacks as attacks_lib
+from jaxrep import checkpoint as ckpt_lib
+from jaxrep import hostile as hostile_lib
 from jaxrep import data as data_lib
 from jaxrep import detect as detect_lib
 from jaxrep import distances as dist_lib
@@ -92,6 +94,7 @@ class SimConfig:
   grad_noise: float = 0.0
   bf16_fraction: float = 0.0
   probe_size: int = 256
+  hostile: str = ""             # testing: e.g. "3:nan,5:wrong_shape"
   max_train: int = 0            # 0: the whole training set
   attack_check: bool = True
 
@@ -188,6 +191,9 @@ class SimConfig:
             f"must be true or false, got {self.permute!r}")
     require(isinstance(self.attack_check, bool), "attack_check",
             f"must be true or false, got {self.attack_check!r}")
+    require(isinstance(self.hostile, str), "hostile",
+            f"must be a string like '3:nan,5:wrong_shape', got {self.hostile!r}")
+    hostile_lib.parse_hostile(self.hostile, self.providers)
     self.train_config().validate()
     return self
 
@@ -275,13 +281,23 @@ class SimResult:
   notes: list
   recorded: dict = dataclasses.field(default_factory=dict)
   recorded_median: list = dataclasses.field(default_factory=list)
+  reasons: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def hostile(self) -> dict[int, str]:
+    return hostile_lib.parse_hostile(self.config.hostile,
+                                     self.config.providers)
 
   def summary(self) -> dict:
+    """Detection metrics exclude hostile providers (reported separately)."""
     mal = self.malicious
+    keep = ~np.isin(np.arange(len(mal)), list(self.hostile))
     return {
-        "tpr": metrics_lib.tpr(self.flags, mal),
-        "fpr": metrics_lib.fpr(self.flags, mal),
-        "auroc": metrics_lib.auroc(self.scores, mal),
+        "tpr": metrics_lib.tpr(self.flags[keep], mal[keep]),
+        "fpr": metrics_lib.fpr(self.flags[keep], mal[keep]),
+        "auroc": metrics_lib.auroc(self.scores[keep], mal[keep]),
+        "hostile_flagged": int(self.flags[~keep].sum()),
+        "hostile": int((~keep).sum()),
         "final_clean_accuracy": self.client["clean_accuracy"],
         "final_attack_success_rate": self.client["attack_success_rate"],
         "no_defense_clean_accuracy": self.no_defense["clean_accuracy"],
@@ -304,9 +320,13 @@ class SimResult:
         "id": i,
         "malicious": bool(self.malicious[i]),
         "attack": self.attack_names[i],
+        "hostile": self.hostile.get(i),
         "flagged": bool(self.flags[i]),
         "flagged_at_subrun": (int(self.flagged_at[i])
                               if self.flagged_at[i] >= 0 else None),
+        "flag_reason": (self.reasons.get(i, f"{self.config.detector} on "
+                                            f"{self.config.metric}")
+                        if self.flagged_at[i] >= 0 else None),
         "score": _finite_or_none(self.scores[i]),
         "clean_accuracy": float(self.clean_accuracy[i]),
         "attack_success_rate": float(self.attack_success_rate[i]),
@@ -338,7 +358,8 @@ def _client_asr(model, params, model_state, behaviour, ds, malicious):
 
 def run(config: SimConfig, *, progress: bool = True,
         dataset: data_lib.Dataset | None = None,
-        record_metrics: tuple[str, ...] = ()) -> SimResult:
+        record_metrics: tuple[str, ...] = (),
+        workdir: str | None = None, resume: bool = True) -> SimResult:
   """Runs one simulation end to end (see module docstring).
 
   Args:
@@ -349,6 +370,10 @@ def run(config: SimConfig, *, progress: bool = True,
       at every replicated sub-run (in `SimResult.recorded`), so that other
       metric/detector pairs can be evaluated on the same sub-runs with
       `replay` (the client's trajectory follows config.metric/detector).
+    workdir: if given, the state is checkpointed there after every sub-run
+      and, with `resume`, a run found there continues where it stopped. A
+      resumed run gives bitwise the same results as an uninterrupted one.
+    resume: continue from a checkpoint in `workdir` (else start over).
   """
   for m in record_metrics:
     require(m in METRICS, "record_metrics",
@@ -363,6 +388,7 @@ def run(config: SimConfig, *, progress: bool = True,
   if config.target_label >= ds.num_classes:
     raise ConfigError(f"target_label: must be in [0, {ds.num_classes - 1}] "
                       f"(or -1), got {config.target_label}")
+  hostile = hostile_lib.parse_hostile(config.hostile, n)
   specs = attack_specs(config, ds.num_classes, ds.input_shape)
   behaviour = attacks_lib.make_behaviour(specs, ds.input_shape, ds.num_classes,
                                          seed=config.seed)
@@ -374,106 +400,134 @@ def run(config: SimConfig, *, progress: bool = True,
   div = div_lib.make_divergence(config.divergence_config(), n, config.seed)
   x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   probe_x = jnp.asarray(ds.x_test[:config.probe_size])
-
   root = jax.random.key(config.seed)
-  params, model_state = model.init(jax.random.fold_in(root, 0))
-  client = (params, trainer.optimizer.init(params), model_state)
-  nodef = client
-  own = trainer.replicate(params, model_state, n) if config.attack_check else None
-
-  rng = np.random.default_rng([config.seed, 0x5EED])
   num_subruns = config.num_subruns
-  replicated = np.sort(rng.choice(num_subruns, config.replicated,
-                                  replace=False))
-  assign_rng = np.random.default_rng([config.seed, 0xA551])
-  nodef_rng = np.random.default_rng([config.seed, 0x0DEF])
-
-  active = np.ones(n, bool)
-  flagged_at = np.full(n, -1)
-  scores = np.zeros(n)
-  evidence = detect_lib.Evidence()
-  median_evidence: list[np.ndarray] = []
-  recorded: dict[str, list[np.ndarray]] = {m: [] for m in record_metrics}
-  recorded_median: list[np.ndarray] = []
-  notes: list[str] = []
+  replicated = np.sort(np.random.default_rng([config.seed, 0x5EED]).choice(
+      num_subruns, config.replicated, replace=False))
   krum_f = None if config.krum_f < 0 else config.krum_f
+
+  st = _initial_state(config, model, trainer, root, record_metrics)
+  meta = {"next_subrun": 0, "replicated_done": 0, "notes": [], "reasons": {},
+          "elapsed": 0.0}
+  ckpt = None
+  if workdir is not None:
+    ckpt = ckpt_lib.Checkpointer(workdir, config)
+    restored = ckpt.restore(st) if resume else None
+    if restored is not None:
+      _, st, meta = restored
+      meta.pop("config", None)
+      meta["notes"].append(f"resumed at sub-run {meta['next_subrun']}")
+  t_resume = time.perf_counter()
 
   bar = None
   if progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=num_subruns, desc="sub-runs", unit="sub-run",
-               dynamic_ncols=True)
-  for s in range(num_subruns):
+    bar = tqdm(total=num_subruns, initial=meta["next_subrun"], desc="sub-runs",
+               unit="sub-run", dynamic_ncols=True)
+  out = None
+  for s in range(meta["next_subrun"], num_subruns):
     schedule = jnp.asarray(data_lib.batch_schedule(
         config.seed, s, k, config.batch_size, ds.x_train.shape[0]))
     keys = train_lib.provider_keys(jax.random.fold_in(root, 1000 + s), n)
-    start = trainer.replicate(client[0], client[2], n, opt_state=client[1])
+    client = st["client"]
+    start = trainer.replicate(client["params"], client["model_state"], n,
+                              opt_state=client["opt_state"])
     out, _ = trainer.sub_run(start, x_train, y_train, schedule, keys, div,
                              behaviour)
+    # What the providers return, and the client's checks of it.
+    returned, odd = hostile_lib.tamper(out.params, hostile)
+    active = st["active"]
+    reasons = hostile_lib.check_returned(client["params"], returned, odd,
+                                         active)
+    for i, why in reasons.items():
+      st["flagged_at"][i] = s
+      meta["reasons"][str(i)] = why
+    active = active & ~np.isin(np.arange(n), list(reasons))
+    returned = hostile_lib.neutralize(returned, list(reasons))
+    out = out._replace(params=returned)
+    assign = np.random.default_rng([config.seed, 0xA551, s])
+    chosen = None
     if s in replicated and active.sum() >= 2:
-      d = model_distances(config, model, client[0], out, probe_x,
-                          jax.random.fold_in(root, 2000 + s))
-      members = active.copy()
-      evidence.add(d, members)
+      r = meta["replicated_done"]
+      key = jax.random.fold_in(root, 2000 + s)
+      d = model_distances(config, model, client["params"], out, probe_x, key)
+      st["matrices"][r], st["members"][r] = d, active
       for m in record_metrics:
-        recorded[m].append(d if m == config.metric else model_distances(
-            dataclasses.replace(config, metric=m), model, client[0], out,
-            probe_x, jax.random.fold_in(root, 2000 + s)))
+        st["recorded"][m][r] = d if m == config.metric else model_distances(
+            dataclasses.replace(config, metric=m), model, client["params"],
+            out, probe_x, key)
       if config.detector == "median" or record_metrics:
         rows = train_lib.flatten_population(
-            dist_lib.updates(client[0], out.params))
-        med = np.asarray(detect_lib.median_distances(
-            rows, jnp.asarray(members)))
-        median_evidence.append(med)
+            dist_lib.updates(client["params"], out.params))
+        st["median"][r] = np.asarray(detect_lib.median_distances(
+            rows, jnp.asarray(active)))
         # For replay: distances to the median of ALL providers' updates.
-        recorded_median.append(np.asarray(detect_lib.median_distances(
-            rows, jnp.ones(n, bool))))
+        st["recorded_median"][r] = np.asarray(detect_lib.median_distances(
+            rows, jnp.ones(n, bool)))
+      meta["replicated_done"] = r + 1
+      evidence = detect_lib.Evidence(list(st["matrices"][:r + 1]),
+                                     list(st["members"][:r + 1]))
       verdict = detect_lib.detect(config.detector, evidence, n,
                                   alpha=config.alpha, krum_f=krum_f,
                                   ks_margin=config.ks_margin,
-                                  median_evidence=median_evidence)
-      scores[members] = np.asarray(verdict.scores)[members]
+                                  median_evidence=list(st["median"][:r + 1]))
+      st["scores"][active] = np.asarray(verdict.scores)[active]
       new = verdict.flags & active
-      flagged_at[new] = s
-      active &= ~new
-      if not active.any():
-        notes.append(f"sub-run {s}: every provider was flagged; the client "
-                     "keeps its checkpoint and stops outsourcing")
-        chosen = None
-      else:
+      st["flagged_at"][new] = s
+      active = active & ~new
+      if active.any():
         chosen = medoid(d, active)
-    elif s in replicated:
-      notes.append(f"sub-run {s}: fewer than 2 trusted providers left, "
-                   "no comparison possible")
-      chosen = int(assign_rng.choice(np.flatnonzero(active))) \
-          if active.any() else None
+      else:
+        meta["notes"].append(f"sub-run {s}: every provider was flagged; the "
+                             "client keeps its checkpoint")
     else:
-      chosen = int(assign_rng.choice(np.flatnonzero(active))) \
-          if active.any() else None
+      if s in replicated:
+        meta["notes"].append(f"sub-run {s}: fewer than 2 trusted providers "
+                             "left, no comparison possible")
+      if active.any():
+        chosen = int(assign.choice(np.flatnonzero(active)))
+    st["active"] = active
     if chosen is not None:
-      client = (_take(out.params, chosen), _take(out.opt_state, chosen),
-                _take(out.model_state, chosen))
+      st["client"] = {"params": _take(out.params, chosen),
+                      "opt_state": _take(out.opt_state, chosen),
+                      "model_state": _take(out.model_state, chosen)}
     # No defense: one provider drawn among all, accepted unchecked.
-    who = int(nodef_rng.integers(n))
-    single = trainer.replicate(nodef[0], nodef[2], 1, opt_state=nodef[1])
+    who = int(np.random.default_rng([config.seed, 0x0DEF, s]).integers(n))
+    nodef = st["nodef"]
+    single = trainer.replicate(nodef["params"], nodef["model_state"], 1,
+                               opt_state=nodef["opt_state"])
     single, _ = trainer.sub_run(single, x_train, y_train, schedule,
                                 keys[who:who + 1], _take_slice(div, who),
                                 _take_slice(behaviour, who))
-    nodef = tuple(_take(t, 0) for t in single)
-    if own is not None:
+    st["nodef"] = {"params": _take(single.params, 0),
+                   "opt_state": _take(single.opt_state, 0),
+                   "model_state": _take(single.model_state, 0)}
+    if config.attack_check:
+      own = train_lib.Population(**st["own"])
       own, _ = trainer.sub_run(own, x_train, y_train, schedule, keys, div,
                                behaviour)
+      st["own"] = own._asdict()
+    meta["next_subrun"] = s + 1
+    if ckpt is not None:
+      ckpt.save(s, st, dict(meta, elapsed=meta["elapsed"] + time.perf_counter()
+                            - t_resume))
     if bar is not None:
-      bar.set_postfix(replicated=int(np.searchsorted(replicated, s, "right")),
-                      flagged=int((flagged_at >= 0).sum()),
-                      trusted=int(active.sum()))
+      bar.set_postfix(replicated=meta["replicated_done"],
+                      flagged=int((st["flagged_at"] >= 0).sum()),
+                      trusted=int(st["active"].sum()))
       bar.update(1)
   if bar is not None:
     bar.close()
+  if ckpt is not None:
+    ckpt.close()
 
   # Evaluation.
-  final = own if own is not None else out
-  if own is None:
+  notes = list(meta["notes"])
+  if config.attack_check:
+    final = train_lib.Population(**st["own"])
+  else:
+    final = out if out is not None else trainer.replicate(
+        st["client"]["params"], st["client"]["model_state"], n)
     notes.append("attack_check is off: provider metrics are of the models "
                  "returned for the last sub-run (k steps from the client's "
                  "checkpoint), not of a full run")
@@ -481,17 +535,50 @@ def run(config: SimConfig, *, progress: bool = True,
                            ds.y_test)
   asr = attacks_lib.attack_success_rate(model, final.params, final.model_state,
                                         behaviour, ds.x_test, ds.y_test)
-  client_report = _final_model_report(model, client, behaviour, ds, malicious)
-  nodef_report = _final_model_report(model, nodef, behaviour, ds, malicious)
-  jax.block_until_ready(client[0])
+  as_tuple = lambda c: (c["params"], c["opt_state"], c["model_state"])
+  client_report = _final_model_report(model, as_tuple(st["client"]),
+                                      behaviour, ds, malicious)
+  nodef_report = _final_model_report(model, as_tuple(st["nodef"]), behaviour,
+                                     ds, malicious)
+  r = meta["replicated_done"]
+  flagged_at = np.asarray(st["flagged_at"])
+  reasons = {int(i): why for i, why in meta["reasons"].items()}
   return SimResult(
       config=config, malicious=malicious, attack_names=behaviour.names(),
-      flags=flagged_at >= 0, flagged_at=flagged_at, scores=scores,
-      clean_accuracy=np.asarray(acc), attack_success_rate=np.asarray(asr),
-      client=client_report, no_defense=nodef_report,
-      replicated_subruns=list(replicated), matrices=evidence.matrices,
-      members=evidence.members, wall_seconds=time.perf_counter() - t0,
-      notes=notes, recorded=recorded, recorded_median=recorded_median)
+      flags=flagged_at >= 0, flagged_at=flagged_at,
+      scores=np.asarray(st["scores"]), clean_accuracy=np.asarray(acc),
+      attack_success_rate=np.asarray(asr), client=client_report,
+      no_defense=nodef_report, replicated_subruns=list(replicated),
+      matrices=list(st["matrices"][:r]), members=list(st["members"][:r]),
+      wall_seconds=meta["elapsed"] + time.perf_counter() - t_resume
+      if ckpt is not None else time.perf_counter() - t0,
+      notes=notes,
+      recorded={m: list(v[:r]) for m, v in st["recorded"].items()},
+      recorded_median=list(st["recorded_median"][:r]), reasons=reasons)
+
+
+def _initial_state(config: SimConfig, model, trainer, root,
+                   record_metrics) -> dict:
+  """The protocol state before the first sub-run (a checkpointable pytree)."""
+  n, m = config.providers, config.replicated
+  params, model_state = model.init(jax.random.fold_in(root, 0))
+  client = {"params": params, "opt_state": trainer.optimizer.init(params),
+            "model_state": model_state}
+  st = {
+      "client": client,
+      "nodef": dict(client),
+      "active": np.ones(n, bool),
+      "flagged_at": np.full(n, -1, np.int64),
+      "scores": np.zeros(n),
+      "matrices": np.zeros((m, n, n)),
+      "members": np.zeros((m, n), bool),
+      "median": np.zeros((m, n)),
+      "recorded": {k: np.zeros((m, n, n)) for k in record_metrics},
+      "recorded_median": np.zeros((m, n)),
+  }
+  if config.attack_check:
+    st["own"] = trainer.replicate(params, model_state, n)._asdict()
+  return st
 
 
 def _final_model_report(model, state, behaviour, ds, malicious) -> dict:

@@ -60,6 +60,9 @@ _HELP = {
     "bf16_fraction": "benign divergence: share of providers in bfloat16",
     "probe_size": "test examples used as the probe set of output/cka/zest",
     "max_train": "use only the first N training examples (0: all)",
+    "hostile": "for testing the client's checks: providers returning garbage, "
+               "e.g. '3:nan,5:wrong_shape' (modes nan, inf, diverged, "
+               "wrong_shape)",
     "attack_check": "also train every provider's own full run, to show each "
                     "attack works (ASR) — doubles the training cost",
 }
@@ -81,6 +84,8 @@ def _define_flags() -> None:
       flags.DEFINE_string(field.name, default, help_)
   flags.DEFINE_string("out", "runs/latest", "output directory")
   flags.DEFINE_bool("progress", True, "show a progress bar over sub-runs")
+  flags.DEFINE_bool("resume", True, "continue the run checkpointed in --out "
+                    "(a killed run resumes where it stopped)")
 
 
 _define_flags()
@@ -112,7 +117,8 @@ def main(argv) -> None:
   try:
     config = config_from_flags().validate()
     os.makedirs(FLAGS.out, exist_ok=True)
-    result = protocol.run(config, progress=FLAGS.progress)
+    result = protocol.run(config, progress=FLAGS.progress,
+                          workdir=FLAGS.out, resume=FLAGS.resume)
   except ConfigError as e:
     message = str(e).splitlines()[0]
     _fail(f"--{message}" if message.split(":")[0] in FLAGS else message)
