@@ -26,7 +26,8 @@ from jaxrep import models, train
 from jaxrep.report import versions, write_json_atomic
 
 
-def attack_suite(trigger_size: int):
+def attack_suite(trigger_size: int, scale_factor: float = 2.0,
+                 warp_strength: float = 1.5):
   """The attacks of the table, each with its own target."""
   return [
       ("benign", None),
@@ -38,9 +39,10 @@ def attack_suite(trigger_size: int):
                  pattern="random")),
       ("blend (alpha 0.2)", A.Blend(target=5, alpha=0.2)),
       ("label_flip (1 -> 7)", A.LabelFlip(source=1, target=7)),
-      ("scaling (model replacement x2)",
-       A.Scaling(target=2, size=trigger_size, factor=2.0)),
-      ("warp (WaNet-style, 1.5 px)", A.Warp(target=4, strength=1.5)),
+      (f"scaling (model replacement x{scale_factor:g})",
+       A.Scaling(target=2, size=trigger_size, factor=scale_factor)),
+      (f"warp (WaNet-style, {warp_strength:g} px)",
+       A.Warp(target=4, strength=warp_strength)),
   ]
 
 
@@ -55,13 +57,15 @@ def main(argv=None):
   ap.add_argument("--learning_rate", type=float, default=0.05)
   ap.add_argument("--trigger_size", type=int, default=0,
                   help="0: 2 for 8x8 images, 3 otherwise")
+  ap.add_argument("--scale_factor", type=float, default=2.0)
+  ap.add_argument("--warp_strength", type=float, default=1.5)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
 
   ds = data_lib.load_dataset(args.dataset, args.data_dir)
   size = args.trigger_size or (2 if ds.input_shape[0] <= 8 else 3)
-  suite = attack_suite(size)
+  suite = attack_suite(size, args.scale_factor, args.warp_strength)
   names = [s[0] for s in suite]
   specs = [s[1] for s in suite]
   behaviour = A.make_behaviour(specs, ds.input_shape, ds.num_classes,
