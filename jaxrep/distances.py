@@ -329,7 +329,9 @@ def _gram_stats(leaves: list[_Leaf], centre, chunk: int,
       g = _kahan_add(g, jnp.dot(y, y.T, precision=_HI))
       sq = _kahan_add(sq, jnp.sum(y * y, axis=1))
       if cosine:
-        cross = _kahan_add(cross, jnp.dot(y, c, precision=_HI))
+        # A fused multiply-reduce, not a matrix-vector product: XLA folds it
+        # into the same pass over y as the squared norms.
+        cross = _kahan_add(cross, jnp.sum(y * c[None, :], axis=1))
         full = x if leaf.base is None else c[None, :] + y
         norm2 = _kahan_add(norm2, jnp.sum(full * full, axis=1))
       return g, sq, cross, norm2

@@ -137,7 +137,7 @@ def _simulate(*args, timeout=300):
 
 def test_main_job_writes_results_and_plots(tmp_path):
   out = tmp_path / "run"
-  p = _simulate("--providers=6", "--malicious=2", "--steps=60",
+  p = _simulate("--providers=6", "--malicious=2", "--steps=40",
                 "--subrun_steps=20", "--replicated=2", "--poison_rate=0.2",
                 "--noattack_check", f"--out={out}")
   assert p.returncode == 0, p.stderr[-2000:]
