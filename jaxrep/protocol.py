@@ -359,7 +359,10 @@ def _client_asr(model, params, model_state, behaviour, ds, malicious):
 def run(config: SimConfig, *, progress: bool = True,
         dataset: data_lib.Dataset | None = None,
         record_metrics: tuple[str, ...] = (),
-        workdir: str | None = None, resume: bool = True) -> SimResult:
+        workdir: str | None = None, resume: bool = True,
+        behaviour: attacks_lib.Behaviour | None = None,
+        hooks: train_lib.Hooks | None = None,
+        behaviour_for_subrun: Any = None) -> SimResult:
   """Runs one simulation end to end (see module docstring).
 
   Args:
@@ -374,6 +377,15 @@ def run(config: SimConfig, *, progress: bool = True,
       and, with `resume`, a run found there continues where it stopped. A
       resumed run gives bitwise the same results as an uninterrupted one.
     resume: continue from a checkpoint in `workdir` (else start over).
+    behaviour: a custom per-provider Behaviour (e.g. adaptive attacks); by
+      default it is built from config.attack / malicious. Its malicious count
+      must equal config.malicious.
+    hooks: custom trainer hooks for `behaviour` (default
+      `attacks.make_hooks(behaviour)`).
+    behaviour_for_subrun: optional host-side function
+      (behaviour, subrun index) -> behaviour used for that sub-run (same
+      shapes, so no recompilation), e.g. an attacker that poisons only some
+      sub-runs. It cannot see which sub-runs are replicated.
   """
   for m in record_metrics:
     require(m in METRICS, "record_metrics",
@@ -389,14 +401,21 @@ def run(config: SimConfig, *, progress: bool = True,
     raise ConfigError(f"target_label: must be in [0, {ds.num_classes - 1}] "
                       f"(or -1), got {config.target_label}")
   hostile = hostile_lib.parse_hostile(config.hostile, n)
-  specs = attack_specs(config, ds.num_classes, ds.input_shape)
-  behaviour = attacks_lib.make_behaviour(specs, ds.input_shape, ds.num_classes,
-                                         seed=config.seed)
+  if behaviour is None:
+    specs = attack_specs(config, ds.num_classes, ds.input_shape)
+    behaviour = attacks_lib.make_behaviour(specs, ds.input_shape,
+                                           ds.num_classes, seed=config.seed)
+  require(behaviour.size == n, "behaviour",
+          f"has {behaviour.size} providers, config has {n}")
   malicious = behaviour.malicious
+  require(int(malicious.sum()) == config.malicious, "behaviour",
+          f"has {int(malicious.sum())} malicious providers, config says "
+          f"{config.malicious}")
   model = models_lib.get_model(config.model, ds.num_classes, ds.input_shape)
-  trainer = train_lib.make_trainer(model, config.train_config(),
-                                   config.divergence_config(),
-                                   attacks_lib.make_hooks(behaviour))
+  trainer = train_lib.make_trainer(
+      model, config.train_config(), config.divergence_config(),
+      hooks if hooks is not None else attacks_lib.make_hooks(behaviour))
+  full_behaviour = behaviour
   div = div_lib.make_divergence(config.divergence_config(), n, config.seed)
   x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   probe_x = jnp.asarray(ds.x_test[:config.probe_size])
@@ -426,6 +445,8 @@ def run(config: SimConfig, *, progress: bool = True,
                unit="sub-run", dynamic_ncols=True)
   out = None
   for s in range(meta["next_subrun"], num_subruns):
+    behaviour = (full_behaviour if behaviour_for_subrun is None
+                 else behaviour_for_subrun(full_behaviour, s))
     schedule = jnp.asarray(data_lib.batch_schedule(
         config.seed, s, k, config.batch_size, ds.x_train.shape[0]))
     keys = train_lib.provider_keys(jax.random.fold_in(root, 1000 + s), n)
@@ -531,6 +552,7 @@ def run(config: SimConfig, *, progress: bool = True,
     notes.append("attack_check is off: provider metrics are of the models "
                  "returned for the last sub-run (k steps from the client's "
                  "checkpoint), not of a full run")
+  behaviour = full_behaviour
   acc = train_lib.evaluate(model, final.params, final.model_state, ds.x_test,
                            ds.y_test)
   asr = attacks_lib.attack_success_rate(model, final.params, final.model_state,
