@@ -140,6 +140,7 @@ def write_plots(result, out_dir: str) -> list[str]:
                  color="black", **kw)
       ax.set_xlim(-0.5, n - 0.5)
       ax.set_ylim(n - 0.5, -0.5)
+      ax.tick_params(axis="y", pad=14)
     ax.set_title(f"{cfg.metric} distance, mean over {len(result.matrices)} "
                  "replicated sub-runs\n(red: malicious; F / black: flagged, "
                  f"{int(result.flags.sum())} of {len(mal)})", fontsize=9)
