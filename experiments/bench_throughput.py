@@ -1,6 +1,7 @@
 """Throughput of the replicated sub-run against the ways peers run clients.
 
-Run (default grid; about 10-15 minutes on the shared 2-core CPU):
+Run (default grid; ~25 min on the shared 2-core CPU with the current
+lax.conv-in-scan CNN path, dominated by the CNN N=256 call):
 
   PYTHONPATH=. python experiments/bench_throughput.py --json out/bench_throughput.json
   PYTHONPATH=. python experiments/bench_throughput.py --quick      # smoke run

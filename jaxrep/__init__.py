@@ -19,12 +19,12 @@ from jaxrep.divergence import Divergence, DivergenceConfig, make_divergence
 from jaxrep.models import MODELS, Model, get_model, num_params
 from jaxrep.train import (Hooks, Population, TrainConfig, Trainer, evaluate,
                           flatten_population, make_optimizer, make_trainer,
-                          provider_keys, updates)
+                          provider_keys)
 from jaxrep.attacks import (ATTACKS, BadNets, Behaviour, Blend, LabelFlip,
                             Scaling, Warp, attack_success_rate, make_behaviour,
                             make_hooks, population_specs)
 from jaxrep.distances import (cka_distances, output_distances,
-                              pairwise_distances, zest_distances)
+                              pairwise_distances, updates, zest_distances)
 from jaxrep.detect import DETECTORS, Evidence, Verdict
 from jaxrep.metrics import auroc, fpr, roc_curve, tpr
 from jaxrep.protocol import METRICS, SimConfig, SimResult, replay, run

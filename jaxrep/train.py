@@ -251,11 +251,6 @@ def check_population_args(providers: int, steps: int, batch_size: int,
           f"{batch_size} is larger than the dataset ({num_examples} examples)")
 
 
-def updates(start_params, end_params):
-  """end - start per provider (start may lack the provider axis)."""
-  return jax.tree_util.tree_map(lambda e, s: e - s, end_params, start_params)
-
-
 def flatten_population(tree) -> jax.Array:
   """[n, P] matrix of a population pytree (small models / tests only)."""
   leaves = jax.tree_util.tree_leaves(tree)

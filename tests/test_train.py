@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrep import data as data_lib
+from jaxrep import distances
 from jaxrep import divergence as div_lib
 from jaxrep import models, train
 from jaxrep.errors import ConfigError
@@ -44,7 +45,7 @@ def _pretrained(ds, model_name="mlp", steps=60, lr=0.05):
 
 
 def _pairwise_update_distances(start, end):
-  u = np.asarray(train.flatten_population(train.updates(start, end)),
+  u = np.asarray(train.flatten_population(distances.updates(start, end)),
                  np.float64)
   d = np.sqrt(((u[:, None, :] - u[None, :, :]) ** 2).sum(-1))
   return d, np.linalg.norm(u, axis=1)
