@@ -97,6 +97,14 @@ def gemm_gflops(sizes=(1024, 2048), repeats: int = 5) -> dict:
     np.matmul(an, bn)
     t, _ = median_time(lambda: np.matmul(an, bn), repeats)
     out[f"numpy_{n}"] = 2 * n**3 / t / 1e9
+    try:                          # reference only: oneDNN/MKL can beat XLA's
+      import torch  # pylint: disable=g-import-not-at-top
+      at, bt = torch.from_numpy(an), torch.from_numpy(bn)
+      torch.mm(at, bt)
+      t, _ = median_time(lambda: torch.mm(at, bt), repeats)
+      out[f"torch_{n}"] = 2 * n**3 / t / 1e9
+    except ImportError:
+      pass
   out["peak"] = max(v for k, v in out.items() if k.startswith("jax_"))
   return out
 
@@ -561,8 +569,9 @@ def main(argv=None):
   ]
 
   print(f"\nGEMM peak (jnp.matmul float32 HIGHEST, max over sizes): "
-        f"{peak:.1f} GFLOP/s; numpy: " + ", ".join(
-            f"{k}={v:.1f}" for k, v in gemm.items() if k.startswith("numpy")))
+        f"{peak:.1f} GFLOP/s; reference: " + ", ".join(
+            f"{k}={v:.1f}" for k, v in gemm.items()
+            if k.startswith(("numpy", "torch"))))
   print(f"load average: start {result['load_avg_start']}, end "
         f"{result['load_avg_end']} ({os.cpu_count()} CPUs, shared machine)\n")
   header = (f"{'model':5} {'N':>4} {'method':11} {'prov-steps/s':>12} "

@@ -28,3 +28,4 @@ from jaxrep.distances import (cka_distances, output_distances,
 from jaxrep.detect import DETECTORS, Evidence, Verdict
 from jaxrep.metrics import auroc, fpr, roc_curve, tpr
 from jaxrep.protocol import METRICS, SimConfig, SimResult, replay, run
+from jaxrep import adaptive, distributed, memory, sharding

@@ -30,6 +30,18 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
   (capped by how many remain; ties broken by the score in the whole set);
   flags the rest. Score: the
   round at which a provider would be selected (later = more suspicious).
+* cluster (for colluders): on the mean distance matrix over the sub-runs,
+  the benign scale s is the 25th percentile of the participants'
+  nearest-neighbour distances; providers closer than margin x s
+  (`ks_margin`) are linked, and the connected components are the groups.
+  The largest group is trusted and every other provider is flagged; when
+  several groups tie for the largest, nothing is flagged (the distances
+  cannot tell which group is honest). With an `anchor` (a provider known to be
+  honest, e.g. a replica the client computes itself), the anchor's group is
+  trusted instead. Score: distance to the trusted group (tied groups: to
+  their union) in units of s. Colluders who share one backdoor are each
+  other's nearest neighbours, which defeats KS (their distances look like the
+  benign ones); here they form a tight group that is not the largest.
 * median: distance of each provider's update to the coordinate-wise median
   update, thresholded like zscore. It needs the updates, not the matrix, so the
   protocol passes it the L2 distance to the median computed on the parameters
@@ -48,7 +60,7 @@ from scipy import stats
 
 from jaxrep.errors import require
 
-DETECTORS = ("ks", "zscore", "krum", "multikrum", "median")
+DETECTORS = ("ks", "zscore", "krum", "multikrum", "median", "cluster")
 
 
 class Verdict(NamedTuple):
@@ -256,6 +268,37 @@ def median_detector(distances_to_median: list[np.ndarray],
   return Verdict(scores=z, flags=z > stats.norm.ppf(1.0 - alpha))
 
 
+def cluster_detector(evidence: Evidence, n: int, margin: float = 10.0,
+                     anchor: int | None = None) -> Verdict:
+  """Flags everyone outside the largest tight group (see module docstring)."""
+  from scipy.sparse import csgraph
+  d, idx = _pooled_matrix(evidence, n)
+  scores = np.zeros(n)
+  flags = np.zeros(n, bool)
+  m = idx.size
+  if m < 3:
+    return Verdict(scores=scores, flags=flags)
+  d = np.nan_to_num(d, nan=np.inf)
+  nn = np.min(np.where(np.eye(m, dtype=bool), np.inf, d), axis=1)
+  finite = nn[np.isfinite(nn)]
+  s = float(np.quantile(finite, 0.25)) if finite.size else 1.0
+  s = s if s > 0 else float(np.finfo(float).tiny)
+  _, label = csgraph.connected_components(d <= margin * s, directed=False)
+  sizes = np.bincount(label)
+  if anchor is not None and anchor in idx:
+    trusted = label == label[int(np.flatnonzero(idx == anchor)[0])]
+    decided = True
+  else:
+    largest = np.flatnonzero(sizes == sizes.max())
+    trusted = np.isin(label, largest)
+    decided = largest.size == 1
+  far = np.min(np.where(trusted[None, :], d, np.inf), axis=1) / s
+  scores[idx] = np.where(trusted, 0.0, far)
+  if decided:
+    flags[idx] = ~trusted
+  return Verdict(scores=scores, flags=flags)
+
+
 def detect(name: str, evidence: Evidence, n: int, *, alpha: float = 0.01,
            krum_f: int | None = None, ks_margin: float = 1.0,
            median_evidence: list[np.ndarray] | None = None) -> Verdict:
@@ -273,6 +316,8 @@ def detect(name: str, evidence: Evidence, n: int, *, alpha: float = 0.01,
     verdict = krum_detector(evidence, n, krum_f)
   elif name == "multikrum":
     verdict = multikrum_detector(evidence, n, krum_f)
+  elif name == "cluster":
+    verdict = cluster_detector(evidence, n, ks_margin)
   else:
     require(median_evidence is not None, "detector",
             "median needs the distances to the coordinate-wise median")

@@ -44,7 +44,7 @@ _HELP = {
     "subrun_steps": "steps k per sub-run (steps must be a multiple)",
     "replicated": "sub-runs m the client replicates on all providers",
     "metric": "l2, cosine, l1, linf, output, cka or zest",
-    "detector": "ks, zscore, krum, multikrum or median",
+    "detector": "ks, zscore, krum, multikrum, median or cluster",
     "alpha": "significance level of the detector, in (0, 1)",
     "ks_margin": "ks: test whether a provider's distances exceed margin x "
                  "the others' (1: the plain test; see detect.py)",

@@ -128,10 +128,25 @@ class Hooks(NamedTuple):
     sub-run's update).
   All receive ONE provider's behaviour (vmapped); benign behaviour must leave
   their inputs unchanged.
+
+  Clean twins (optional, for adaptive attackers that need their own honest
+  result, see `jaxrep.adaptive`): with `twin_size` = c > 0, `sub_run` also
+  trains a clean twin of the (at most c) providers with `needs_twin(behaviour)`
+  true: same start, batches, keys and divergence, but no poisoning and no
+  update transform, i.e. bitwise the model that provider would return if it
+  were honest. Then, for those providers only,
+  finalize_twin(behaviour, key, start, end, clean_end) -> params replaces the
+  returned model. The twins are a cohort of static size c, so only they pay
+  the extra compute (c / n of a sub-run). twin_size 0 (default) compiles none
+  of this in.
   """
   poison_batch: Callable = lambda behaviour, key, x, y: (x, y)
   transform_update: Callable = lambda behaviour, key, update: update
   finalize: Callable = lambda behaviour, start, end: end
+  twin_size: int = 0
+  needs_twin: Callable = lambda behaviour: jnp.zeros(
+      jax.tree_util.tree_leaves(behaviour)[0].shape[:1], bool)
+  finalize_twin: Callable = lambda behaviour, key, start, end, clean_end: end
 
 
 class Trainer(NamedTuple):
@@ -189,10 +204,15 @@ def make_trainer(model: Model, config: TrainConfig,
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_state
 
-  def single_step(params, opt_state, model_state, x, y, key, div, behaviour):
-    """One training step of ONE provider (vmapped by sub_run)."""
+  def single_step(params, opt_state, model_state, x, y, key, div, behaviour,
+                  clean: bool = False):
+    """One training step of ONE provider (vmapped by sub_run).
+
+    clean=True (static) skips the behaviour: the provider's honest step.
+    """
     k_attack, k_perm, k_noise, k_update = jax.random.split(key, 4)
-    x, y = hooks.poison_batch(behaviour, k_attack, x, y)
+    if not clean:
+      x, y = hooks.poison_batch(behaviour, k_attack, x, y)
     if use_permute:
       x, y = div_lib.permute_batch(k_perm, div.permute, x, y)
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -200,11 +220,53 @@ def make_trainer(model: Model, config: TrainConfig,
     if use_noise:
       grads = div_lib.perturb_grads(k_noise, div.grad_noise, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
-    updates = hooks.transform_update(behaviour, k_update, updates)
+    if not clean:
+      updates = hooks.transform_update(behaviour, k_update, updates)
     params = optax.apply_updates(params, updates)
     return params, opt_state, model_state, loss
 
   vstep = jax.vmap(single_step, in_axes=(0, 0, 0, None, None, 0, 0, 0))
+  vstep_clean = jax.vmap(functools.partial(single_step, clean=True),
+                         in_axes=(0, 0, 0, None, None, 0, 0, 0))
+
+  def scan_steps(step, state, x_train, y_train, schedule, keys, div,
+                 behaviour):
+    """k steps of `step` over a (params, opt_state, model_state) tuple."""
+    def body(carry, inputs):
+      params, opt_state, model_state = carry
+      t, idx = inputs
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+      params, opt_state, model_state, loss = step(
+          params, opt_state, model_state, x_train[idx], y_train[idx],
+          step_keys, div, behaviour)
+      return (params, opt_state, model_state), loss
+    return jax.lax.scan(body, state, (jnp.arange(schedule.shape[0]), schedule))
+
+  def twin_finalize(pop, end, x_train, y_train, schedule, keys, div,
+                    behaviour):
+    """Trains the cohort's clean twins; applies finalize_twin to their params.
+
+    The cohort's optimizer and model state are the twins' (honest) ones, so
+    the only deviation a twin provider returns is in its parameters.
+    """
+    n = pop.size
+    c = min(int(hooks.twin_size), n)
+    idx = jnp.nonzero(hooks.needs_twin(behaviour), size=c, fill_value=n)[0]
+    valid = idx < n
+    safe = jnp.minimum(idx, n - 1)
+    take = lambda t: jax.tree_util.tree_map(lambda a: a[safe], t)
+    (clean_end, clean_opt, clean_state), _ = scan_steps(
+        vstep_clean, tuple(take(tuple(pop))), x_train, y_train, schedule,
+        take(keys), take(div), take(behaviour))
+    final = jax.vmap(hooks.finalize_twin)(take(behaviour), take(keys),
+                                          take(pop.params), take(end.params),
+                                          clean_end)
+    # Fill slots (idx == n) are dropped by the out-of-bounds scatter.
+    put = lambda tree, new: jax.tree_util.tree_map(
+        lambda a, f: a.at[jnp.where(valid, idx, n)].set(f, mode="drop"),
+        tree, new)
+    return Population(put(end.params, final), put(end.opt_state, clean_opt),
+                      put(end.model_state, clean_state))
 
   @jax.jit
   def sub_run(pop: Population, x_train, y_train, schedule, keys, div,
@@ -235,7 +297,11 @@ def make_trainer(model: Model, config: TrainConfig,
     (params, opt_state, model_state), losses = jax.lax.scan(
         body, tuple(pop), (jnp.arange(k), schedule))
     params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
-    return Population(params, opt_state, model_state), losses
+    end = Population(params, opt_state, model_state)
+    if hooks.twin_size > 0:
+      end = twin_finalize(pop, end, x_train, y_train, schedule, keys, div,
+                          behaviour)
+    return end, losses
 
   return Trainer(model, tx, init, replicate, sub_run, single_step)
 

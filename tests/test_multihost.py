@@ -1,0 +1,93 @@
+"""Two processes on localhost (4 CPU devices each, gloo collectives) give the
+same sharded sub-run and distances as one process with 8 devices."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import _multihost_worker as worker
+from jaxrep import distributed, sharding
+from jaxrep.errors import ConfigError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 100
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _launch(tmp_path):
+  """Runs both workers; returns (path of process 0's results, logs)."""
+  port = _free_port()
+  out = str(tmp_path / "multihost.npz")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAXREP_COORDINATOR=f"localhost:{port}", JAXREP_NUM_PROCESSES="2",
+             PYTHONPATH=os.pathsep.join(
+                 [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+  procs = []
+  for pid in range(2):
+    procs.append(subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "_multihost_worker.py"), out],
+        env=dict(env, JAXREP_PROCESS_ID=str(pid)), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True))
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=TIMEOUT)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return out, [p.returncode for p in procs], logs
+
+
+def test_two_processes_match_one_process(tmp_path):
+  path, codes, logs = _launch(tmp_path)
+  text = "\n".join(logs)
+  if any(codes) and "collectives" in text.lower() and (
+      "not implemented" in text.lower() or "unsupported" in text.lower()):
+    pytest.skip("CPU collectives are unavailable in this jaxlib build: "
+                + text.strip().splitlines()[-1])
+  assert codes == [0, 0], text[-4000:]
+  multi = dict(np.load(path))
+  single = worker.compute(sharding.make_mesh(8))
+  assert sorted(multi) == sorted(single)
+  # Same SPMD program, same per-device provider blocks: same bits.
+  for name in sorted(single):
+    np.testing.assert_array_equal(multi[name], single[name], err_msg=name)
+
+
+def test_initialize_is_a_noop_for_one_process(monkeypatch):
+  for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+              distributed.ENV_PROCESS_ID):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed.initialize() is False
+  assert distributed.initialize(num_processes=1) is False
+  assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("env,field", [
+    ({"JAXREP_NUM_PROCESSES": "2", "JAXREP_PROCESS_ID": "0"},
+     "coordinator_address"),
+    ({"JAXREP_NUM_PROCESSES": "2", "JAXREP_COORDINATOR": "localhost:1",
+      "JAXREP_PROCESS_ID": "2"}, "process_id"),
+    ({"JAXREP_NUM_PROCESSES": "two"}, "JAXREP_NUM_PROCESSES"),
+])
+def test_bad_settings_name_the_field(monkeypatch, env, field):
+  for var in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+              distributed.ENV_PROCESS_ID):
+    monkeypatch.delenv(var, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ConfigError, match=field):
+    distributed.initialize()
