@@ -46,6 +46,7 @@ import numpy as np
 from jaxrep import attacks as attacks_lib
 from jaxrep import checkpoint as ckpt_lib
 from jaxrep import hostile as hostile_lib
+from jaxrep import sharding as sharding_lib
 from jaxrep import data as data_lib
 from jaxrep import detect as detect_lib
 from jaxrep import distances as dist_lib
@@ -97,6 +98,7 @@ class SimConfig:
   hostile: str = ""             # testing: e.g. "3:nan,5:wrong_shape"
   max_train: int = 0            # 0: the whole training set
   attack_check: bool = True
+  devices: int = 1              # 1: one device; 0: all; d: providers over d
 
   @property
   def num_subruns(self) -> int:
@@ -194,6 +196,11 @@ class SimConfig:
     require(isinstance(self.hostile, str), "hostile",
             f"must be a string like '3:nan,5:wrong_shape', got {self.hostile!r}")
     hostile_lib.parse_hostile(self.hostile, self.providers)
+    integer("devices", 0)
+    if self.devices > 1:
+      require(self.providers % self.devices == 0, "devices",
+              f"{self.providers} providers do not split evenly over "
+              f"{self.devices} devices")
     self.train_config().validate()
     return self
 
@@ -235,9 +242,19 @@ def _take_slice(tree, i):
 
 
 def model_distances(config: SimConfig, model, start_params, pop, probe_x,
-                    key) -> np.ndarray:
-  """The [n, n] distance matrix of `config.metric` for one sub-run."""
+                    key, mesh=None) -> np.ndarray:
+  """The [n, n] distance matrix of `config.metric` for one sub-run.
+
+  With a `mesh`, the providers stay split over its devices (ring kernels of
+  `jaxrep.sharding`); the result equals the unsharded one to float32 rounding.
+  """
   metric = config.metric
+  if mesh is not None:
+    d = sharding_lib.model_distances(
+        metric, mesh, start_params=start_params, params=pop.params,
+        model_state=pop.model_state, apply_fn=model.predict,
+        probe_x=probe_x[:16] if metric == "zest" else probe_x, key=key)
+    return np.asarray(sharding_lib.to_host(d), np.float64)
   if metric in PARAM_METRICS:
     upd = dist_lib.updates(start_params, pop.params)
     d = dist_lib.pairwise_distances(upd, metric)
@@ -419,6 +436,21 @@ def run(config: SimConfig, *, progress: bool = True,
   div = div_lib.make_divergence(config.divergence_config(), n, config.seed)
   x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   probe_x = jnp.asarray(ds.x_test[:config.probe_size])
+  mesh = None
+  if config.devices != 1:
+    require(config.devices <= jax.device_count(), "devices",
+            f"{config.devices} devices requested, {jax.device_count()} "
+            "available")
+    mesh = sharding_lib.make_mesh(config.devices or None)
+    sharding_lib.check_divisible(n, mesh, field="devices")
+
+  def population_sub_run(pop, schedule, keys, behaviour_):
+    """All n providers' sub-run, split over the mesh if there is one."""
+    args = (pop, x_train, y_train, schedule, keys, div, behaviour_)
+    if mesh is None:
+      return trainer.sub_run(*args)
+    return sharding_lib.sharded_sub_run(trainer, mesh, *args)
+
   root = jax.random.key(config.seed)
   num_subruns = config.num_subruns
   replicated = np.sort(np.random.default_rng([config.seed, 0x5EED]).choice(
@@ -453,8 +485,7 @@ def run(config: SimConfig, *, progress: bool = True,
     client = st["client"]
     start = trainer.replicate(client["params"], client["model_state"], n,
                               opt_state=client["opt_state"])
-    out, _ = trainer.sub_run(start, x_train, y_train, schedule, keys, div,
-                             behaviour)
+    out, _ = population_sub_run(start, schedule, keys, behaviour)
     # What the providers return, and the client's checks of it.
     returned, odd = hostile_lib.tamper(out.params, hostile)
     active = st["active"]
@@ -471,12 +502,13 @@ def run(config: SimConfig, *, progress: bool = True,
     if s in replicated and active.sum() >= 2:
       r = meta["replicated_done"]
       key = jax.random.fold_in(root, 2000 + s)
-      d = model_distances(config, model, client["params"], out, probe_x, key)
+      d = model_distances(config, model, client["params"], out, probe_x, key,
+                          mesh)
       st["matrices"][r], st["members"][r] = d, active
       for m in record_metrics:
         st["recorded"][m][r] = d if m == config.metric else model_distances(
             dataclasses.replace(config, metric=m), model, client["params"],
-            out, probe_x, key)
+            out, probe_x, key, mesh)
       if config.detector == "median" or record_metrics:
         rows = train_lib.flatten_population(
             dist_lib.updates(client["params"], out.params))
@@ -525,8 +557,7 @@ def run(config: SimConfig, *, progress: bool = True,
                    "model_state": _take(single.model_state, 0)}
     if config.attack_check:
       own = train_lib.Population(**st["own"])
-      own, _ = trainer.sub_run(own, x_train, y_train, schedule, keys, div,
-                               behaviour)
+      own, _ = population_sub_run(own, schedule, keys, behaviour)
       st["own"] = own._asdict()
     meta["next_subrun"] = s + 1
     if ckpt is not None:

@@ -63,6 +63,8 @@ _HELP = {
     "hostile": "for testing the client's checks: providers returning garbage, "
                "e.g. '3:nan,5:wrong_shape' (modes nan, inf, diverged, "
                "wrong_shape)",
+    "devices": "devices the providers are split over (1: one device, 0: all, "
+               "e.g. 8 GPUs); providers must be a multiple",
     "attack_check": "also train every provider's own full run, to show each "
                     "attack works (ASR) — doubles the training cost",
 }

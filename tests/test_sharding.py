@@ -237,3 +237,19 @@ def test_chunked_sharded_sub_run_matches(setup):
 def test_device_available_bytes_is_positive():
   assert memory.host_available_bytes() > 0
   assert 0 < memory.device_available_bytes() <= memory.host_available_bytes()
+
+
+def test_protocol_on_8_devices_matches_one_device():
+  from jaxrep import data as data_lib, protocol
+  ds = data_lib.load_dataset("digits")
+  base = dict(providers=8, malicious=2, steps=40, subrun_steps=20,
+              replicated=2, poison_rate=0.3, attack_check=False)
+  one = protocol.run(protocol.SimConfig(**base), progress=False, dataset=ds)
+  eight = protocol.run(protocol.SimConfig(devices=8, **base), progress=False,
+                       dataset=ds)
+  np.testing.assert_array_equal(one.flags, eight.flags)
+  assert eight.flags[:2].all() and not eight.flags[2:].any()
+  for a, b in zip(one.matrices, eight.matrices):
+    far = a > 1e-3
+    np.testing.assert_allclose(b[far], a[far], rtol=1e-4)
+    assert np.all(b[~far] < 1e-3)
