@@ -285,29 +285,10 @@ class _Opts(NamedTuple):
   fixup_tol: float
 
 
-def _fold_chunks(p: int, chunk: int, fn, carry):
-  """Folds fn(carry, start, size) over [0, p) in static-size chunks."""
-  nfull, tail = divmod(p, chunk)
-  if nfull == 1:
-    carry = fn(carry, 0, chunk)
-  elif nfull > 1:
-    carry = lax.fori_loop(0, nfull, lambda k, c: fn(c, k * chunk, chunk),
-                          carry)
-  if tail:
-    carry = fn(carry, nfull * chunk, tail)
-  return carry
-
-
-def _cols(a, start, size: int):
-  return lax.dynamic_slice_in_dim(a, start, size, axis=a.ndim - 1)
-
-
-def _kahan(acc, value):
-  """Compensated addition of `value` into (sum, compensation)."""
-  total, comp = acc
-  y = value - comp
-  t = total + y
-  return t, (t - total) - y
+# Streaming helpers shared with the single-device kernels.
+_fold_chunks = dist_lib._fold_chunks
+_cols = dist_lib._cols
+_kahan = dist_lib._kahan_add
 
 
 def _zeros(shape, dtype):

@@ -284,18 +284,8 @@ def make_trainer(model: Model, config: TrainConfig,
     Returns:
       (new population, losses [k, n]).
     """
-    def body(carry, inputs):
-      params, opt_state, model_state = carry
-      t, idx = inputs
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
-      params, opt_state, model_state, loss = vstep(
-          params, opt_state, model_state, x_train[idx], y_train[idx],
-          step_keys, div, behaviour)
-      return (params, opt_state, model_state), loss
-
-    k = schedule.shape[0]
-    (params, opt_state, model_state), losses = jax.lax.scan(
-        body, tuple(pop), (jnp.arange(k), schedule))
+    (params, opt_state, model_state), losses = scan_steps(
+        vstep, tuple(pop), x_train, y_train, schedule, keys, div, behaviour)
     params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
     end = Population(params, opt_state, model_state)
     if hooks.twin_size > 0:
