@@ -58,6 +58,8 @@ class Sizes:
     train_set: bytes of the training set on device.
     devices: devices the providers are split over.
     distance_max_bytes: streamed working set of a distance kernel.
+    resident: other bytes per device that stay allocated throughout (e.g.
+      the providers' own full-run models of the protocol's attack check).
   """
   providers: int
   params: int
@@ -70,6 +72,7 @@ class Sizes:
   train_set: int
   devices: int = 1
   distance_max_bytes: int = dist_lib.DEFAULT_MAX_BYTES
+  resident: int = 0
 
 
 def _tree_bytes(tree) -> int:
@@ -157,8 +160,8 @@ def estimate(sizes: Sizes, chunk: Optional[int] = None) -> dict[str, int]:
 
   Returns:
     {"population", "step", "losses", "subrun", "distances", "train_set",
-     "peak"}; "subrun" = population + step + losses, and
-    "peak" = train_set + max(subrun, distances).
+     "resident", "peak"}; "subrun" = population + step + losses, and
+    "peak" = train_set + resident + max(subrun, distances).
   """
   n, d = sizes.providers, sizes.devices
   c = n if chunk is None else int(chunk)
@@ -177,8 +180,8 @@ def estimate(sizes: Sizes, chunk: Optional[int] = None) -> dict[str, int]:
   distances = 3 * block * sizes.params + gram + tile + 6 * n * n * 4
   return {"population": population, "step": step, "losses": losses,
           "subrun": subrun, "distances": distances,
-          "train_set": sizes.train_set,
-          "peak": sizes.train_set + max(subrun, distances)}
+          "train_set": sizes.train_set, "resident": sizes.resident,
+          "peak": sizes.train_set + sizes.resident + max(subrun, distances)}
 
 
 def host_available_bytes() -> int:
@@ -256,17 +259,20 @@ def plan(sizes: Sizes, available: Optional[int] = None,
   where = (f"the budget of {_fmt(budget)} per device ({safety:.0%} of "
            f"{_fmt(available)} available); use fewer providers, a smaller "
            f"batch or model, or more devices")
-  require(sizes.train_set + one["distances"] <= budget, "providers",
+  fixed = sizes.train_set + sizes.resident
+  held = (f"the training set ({_fmt(sizes.train_set)})" if not sizes.resident
+          else f"the training set and resident models "
+               f"({_fmt(sizes.train_set)} + {_fmt(sizes.resident)})")
+  require(fixed + one["distances"] <= budget, "providers",
           f"does not fit in memory: the distance working set of {n} "
-          f"providers ({_fmt(one['distances'])}) plus the training set "
-          f"({_fmt(sizes.train_set)}) exceeds {where}")
-  require(sizes.train_set + one["subrun"] <= budget, "batch_size",
+          f"providers ({_fmt(one['distances'])}) plus {held} exceeds {where}")
+  require(fixed + one["subrun"] <= budget, "batch_size",
           f"does not fit in memory: a sub-run of one provider per device "
           f"needs {_fmt(one['subrun'])} (step temporaries "
-          f"{_fmt(one['step'])} at batch {sizes.batch_size}) plus the "
-          f"training set ({_fmt(sizes.train_set)}), more than {where}")
+          f"{_fmt(one['step'])} at batch {sizes.batch_size}) plus {held}, "
+          f"more than {where}")
   # The sub-run's bytes are linear in the providers per device.
-  per_device = (budget - sizes.train_set) // max(one["subrun"], 1)
+  per_device = (budget - fixed) // max(one["subrun"], 1)
   chunk = int(min(n, per_device * d))
   return Plan(chunk, -(-n // chunk), estimate(sizes, chunk), int(available),
               budget)

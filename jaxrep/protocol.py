@@ -46,6 +46,7 @@ import numpy as np
 from jaxrep import attacks as attacks_lib
 from jaxrep import checkpoint as ckpt_lib
 from jaxrep import hostile as hostile_lib
+from jaxrep import memory as memory_lib
 from jaxrep import sharding as sharding_lib
 from jaxrep import data as data_lib
 from jaxrep import detect as detect_lib
@@ -99,6 +100,7 @@ class SimConfig:
   max_train: int = 0            # 0: the whole training set
   attack_check: bool = True
   devices: int = 1              # 1: one device; 0: all; d: providers over d
+  memory_mb: int = 0            # per-device budget in MiB; 0: ask the device
 
   @property
   def num_subruns(self) -> int:
@@ -197,6 +199,7 @@ class SimConfig:
             f"must be a string like '3:nan,5:wrong_shape', got {self.hostile!r}")
     hostile_lib.parse_hostile(self.hostile, self.providers)
     integer("devices", 0)
+    integer("memory_mb", 0)
     if self.devices > 1:
       require(self.providers % self.devices == 0, "devices",
               f"{self.providers} providers do not split evenly over "
@@ -299,6 +302,7 @@ class SimResult:
   recorded: dict = dataclasses.field(default_factory=dict)
   recorded_median: list = dataclasses.field(default_factory=list)
   reasons: dict = dataclasses.field(default_factory=dict)
+  memory: dict = dataclasses.field(default_factory=dict)
 
   @property
   def hostile(self) -> dict[int, str]:
@@ -373,6 +377,34 @@ def _client_asr(model, params, model_state, behaviour, ds, malicious):
   return float(per.max()), [float(a) for a in per]
 
 
+def memory_plan(config: SimConfig, trainer, behaviour, div, x_train, y_train,
+                mesh=None) -> memory_lib.Plan:
+  """How the population's sub-runs fit in device memory (`jaxrep.memory`).
+
+  Estimates the peak bytes per device of a sub-run and of the distance
+  kernels from the traced training step (nothing is allocated) and picks the
+  number of providers trained at once: all n when they fit, else chunks
+  (a multiple of the mesh size) that give the same models. A config that
+  cannot fit even one provider per device raises ConfigError naming what to
+  shrink. The budget is `config.memory_mb` MiB per device, else what the
+  device reports (on CPU: the host's available memory shared by its
+  devices).
+  """
+  d = 1 if mesh is None else sharding_lib.mesh_size(mesh)
+  n = config.providers
+  sizes = memory_lib.sizes_for(
+      trainer, behaviour, div, x_train, y_train, providers=n,
+      batch_size=config.batch_size, subrun_steps=config.subrun_steps,
+      devices=d)
+  # The client's, the no-defense chain's and (attack_check) every provider's
+  # own model stay allocated throughout.
+  state = sizes.params + sizes.opt_state + sizes.model_state
+  own = -(-n // d) if config.attack_check else 0
+  sizes = dataclasses.replace(sizes, resident=(2 + own) * state)
+  available = config.memory_mb * 2**20 if config.memory_mb else None
+  return memory_lib.plan(sizes, available)
+
+
 def run(config: SimConfig, *, progress: bool = True,
         dataset: data_lib.Dataset | None = None,
         record_metrics: tuple[str, ...] = (),
@@ -443,13 +475,29 @@ def run(config: SimConfig, *, progress: bool = True,
             "available")
     mesh = sharding_lib.make_mesh(config.devices or None)
     sharding_lib.check_divisible(n, mesh, field="devices")
+  # Multi-host: every process keeps a host copy of what the providers return
+  # (what a client receives anyway) and runs the same host loop; training and
+  # distances stay split over the global mesh.
+  gather = jax.process_count() > 1
+  mem = memory_plan(config, trainer, behaviour, div, x_train, y_train, mesh)
+  if mem.num_chunks > 1:
+    plan_note = (f"memory: {n} providers do not fit at once (estimated "
+                 f"{mem.estimate['peak'] / 2**20:.1f} MiB per device for "
+                 f"{mem.chunk} of them, budget {mem.budget / 2**20:.1f} MiB); "
+                 f"trained in {mem.num_chunks} chunks of {mem.chunk}")
 
   def population_sub_run(pop, schedule, keys, behaviour_):
-    """All n providers' sub-run, split over the mesh if there is one."""
+    """All n providers' sub-run: over the mesh if there is one, in provider
+    chunks if the population does not fit in one go."""
     args = (pop, x_train, y_train, schedule, keys, div, behaviour_)
-    if mesh is None:
-      return trainer.sub_run(*args)
-    return sharding_lib.sharded_sub_run(trainer, mesh, *args)
+    if mem.num_chunks > 1:
+      out_ = memory_lib.chunked_sub_run(trainer, *args, chunk_size=mem.chunk,
+                                        mesh=mesh, to_host=gather)
+    elif mesh is None:
+      out_ = trainer.sub_run(*args)
+    else:
+      out_ = sharding_lib.sharded_sub_run(trainer, mesh, *args)
+    return sharding_lib.to_host(out_) if gather else out_
 
   root = jax.random.key(config.seed)
   num_subruns = config.num_subruns
@@ -575,6 +623,8 @@ def run(config: SimConfig, *, progress: bool = True,
 
   # Evaluation.
   notes = list(meta["notes"])
+  if mem.num_chunks > 1:
+    notes.append(plan_note)
   if config.attack_check:
     final = train_lib.Population(**st["own"])
   else:
@@ -607,7 +657,18 @@ def run(config: SimConfig, *, progress: bool = True,
       if ckpt is not None else time.perf_counter() - t0,
       notes=notes,
       recorded={m: list(v[:r]) for m, v in st["recorded"].items()},
-      recorded_median=list(st["recorded_median"][:r]), reasons=reasons)
+      recorded_median=list(st["recorded_median"][:r]), reasons=reasons,
+      memory=memory_report(mem))
+
+
+def memory_report(plan: memory_lib.Plan) -> dict:
+  """The memory plan as results.json records it (MiB per device)."""
+  mib = lambda b: round(b / 2**20, 3)
+  return {"providers_per_chunk": int(plan.chunk),
+          "chunks": int(plan.num_chunks),
+          "estimated_peak_mib": mib(plan.estimate["peak"]),
+          "budget_mib": mib(plan.budget),
+          "estimate_mib": {k: mib(v) for k, v in plan.estimate.items()}}
 
 
 def _initial_state(config: SimConfig, model, trainer, root,

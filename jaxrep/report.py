@@ -55,6 +55,7 @@ def results_dict(result) -> dict:
       "client": {"with_defense": result.client,
                  "no_defense": result.no_defense},
       "notes": result.notes,
+      "memory": result.memory,
       "versions": versions(),
   })
 

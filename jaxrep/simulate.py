@@ -65,6 +65,9 @@ _HELP = {
                "wrong_shape)",
     "devices": "devices the providers are split over (1: one device, 0: all, "
                "e.g. 8 GPUs); providers must be a multiple",
+    "memory_mb": "memory budget per device in MiB (0: what the device "
+                 "reports); a population that does not fit is trained in "
+                 "provider chunks, one that can never fit is refused",
     "attack_check": "also train every provider's own full run, to show each "
                     "attack works (ASR) — doubles the training cost",
 }
@@ -88,6 +91,12 @@ def _define_flags() -> None:
   flags.DEFINE_bool("progress", True, "show a progress bar over sub-runs")
   flags.DEFINE_bool("resume", True, "continue the run checkpointed in --out "
                     "(a killed run resumes where it stopped)")
+  flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of "
+                      "process 0 (else $JAXREP_COORDINATOR)")
+  flags.DEFINE_integer("num_processes", None, "multi-host: number of "
+                       "processes (else $JAXREP_NUM_PROCESSES)")
+  flags.DEFINE_integer("process_id", None, "multi-host: this process's id "
+                       "(else $JAXREP_PROCESS_ID)")
 
 
 _define_flags()
@@ -97,6 +106,11 @@ def config_from_flags() -> protocol.SimConfig:
   values = {f.name: FLAGS[f.name].value
             for f in dataclasses.fields(protocol.SimConfig)}
   return protocol.SimConfig(**values)
+
+
+def jax_process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
 
 
 def _fail(message: str) -> None:
@@ -115,15 +129,28 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  from jaxrep import report
+  from jaxrep import distributed, report
   try:
     config = config_from_flags().validate()
-    os.makedirs(FLAGS.out, exist_ok=True)
-    result = protocol.run(config, progress=FLAGS.progress,
-                          workdir=FLAGS.out, resume=FLAGS.resume)
+    multi = distributed.initialize(FLAGS.coordinator_address,
+                                   FLAGS.num_processes, FLAGS.process_id)
+    lead = distributed.is_coordinator()
+    if lead:
+      os.makedirs(FLAGS.out, exist_ok=True)
+    # Multi-process runs are not checkpointed: orbax would need a directory
+    # shared by all hosts.
+    result = protocol.run(config, progress=FLAGS.progress and lead,
+                          workdir=None if multi else FLAGS.out,
+                          resume=FLAGS.resume)
   except ConfigError as e:
     message = str(e).splitlines()[0]
     _fail(f"--{message}" if message.split(":")[0] in FLAGS else message)
+  if multi:
+    result.notes.append(f"multi-host: {jax_process_count()} processes, "
+                        "not checkpointed")
+    distributed.shutdown()
+    if not lead:
+      return
   results = report.results_dict(result)
   paths = report.write_plots(result, FLAGS.out)
   report.write_json_atomic(os.path.join(FLAGS.out, "results.json"), results)

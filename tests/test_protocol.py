@@ -184,3 +184,49 @@ def test_bad_flags_exit_nonzero_with_one_line(tmp_path, args, flag):
   assert "Traceback" not in p.stderr
   assert not (tmp_path / "results.json").exists()
   assert time.time() - start < 60
+
+
+MEM = dict(providers=6, malicious=2, steps=40, subrun_steps=20, replicated=1,
+           batch_size=128, attack_check=False, seed=2)
+
+
+def test_population_that_does_not_fit_is_trained_in_chunks(digits):
+  whole = protocol.run(protocol.SimConfig(**MEM), progress=False,
+                       dataset=digits)
+  assert whole.memory["chunks"] == 1
+  est = whole.memory["estimate_mib"]
+  # A budget with room for about half of the population's sub-run: the
+  # distance kernels still fit, the whole population does not.
+  need_half = (est["train_set"] + est["resident"]
+               + max(est["distances"], est["subrun"] / 2))
+  assert est["subrun"] > est["distances"]       # else the test is moot
+  budget_mb = int(np.ceil(need_half / protocol.memory_lib.DEFAULT_SAFETY)) + 1
+  chunked = protocol.run(protocol.SimConfig(**MEM, memory_mb=budget_mb),
+                         progress=False, dataset=digits)
+  assert chunked.memory["chunks"] >= 2, chunked.memory
+  assert chunked.memory["estimated_peak_mib"] <= chunked.memory["budget_mib"]
+  assert any("chunks" in note for note in chunked.notes)
+  np.testing.assert_array_equal(whole.flags, chunked.flags)
+  # Chunks of another shape may round differently in float32. Distances to
+  # malicious providers agree closely; benign-benign distances ARE rounding
+  # differences (about 5e-7), so they only keep their scale.
+  mal = whole.malicious
+  far = mal[:, None] | mal[None, :]
+  near = ~far & ~np.eye(len(mal), dtype=bool)
+  for a, b in zip(whole.matrices, chunked.matrices):
+    np.testing.assert_allclose(a[far], b[far], rtol=1e-4, atol=0)
+    ratio = a[near] / b[near]
+    assert np.all((ratio > 1 / 3) & (ratio < 3)), ratio
+  assert whole.client["clean_accuracy"] == chunked.client["clean_accuracy"]
+
+
+def test_config_that_can_never_fit_is_refused_before_training(tmp_path):
+  start = time.time()
+  p = _simulate("--providers=6", "--malicious=2", "--memory_mb=1",
+                f"--out={tmp_path}")
+  assert p.returncode == 2
+  lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "does not fit in memory" in lines[0], p.stderr
+  assert "Traceback" not in p.stderr and "sub-runs" not in p.stderr
+  assert not (tmp_path / "results.json").exists()
+  assert time.time() - start < 60
