@@ -4,6 +4,12 @@ r"""The main job: simulate RTTD end to end.
     python -m jaxrep.simulate --dataset=fashion_mnist_idx --model=cnn \
         --providers=32 --malicious=16 --attack=blend --metric=cosine --out=runs/fm
 
+Multi-host (e.g. a TPU slice, or two CPU hosts): start the same command on
+every host with --coordinator_address=host0:port --num_processes=P
+--process_id=i (or the JAXREP_* environment variables of
+`jaxrep.distributed`) and --devices=0; the providers are split over the
+devices of all hosts and process 0 writes the outputs.
+
 Writes <out>/results.json (config, per-provider flags, scores, clean accuracy
 and attack success rate, summary) and PNG plots (distance matrix, distance
 histograms, ROC curve). Bad flags exit with status 2 and a one-line message

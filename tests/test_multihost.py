@@ -91,3 +91,46 @@ def test_bad_settings_name_the_field(monkeypatch, env, field):
     monkeypatch.setenv(k, v)
   with pytest.raises(ConfigError, match=field):
     distributed.initialize()
+
+
+CLI = dict(devices=0, providers=8, malicious=2, steps=40, subrun_steps=10,
+           replicated=2, poison_rate=0.3, attack_check=False, seed=3)
+
+
+def test_main_job_on_two_hosts_matches_one_host(tmp_path):
+  """`python -m jaxrep.simulate` in two processes (multi-host flags) writes
+  the same results as the protocol on one process with the same 8 devices."""
+  from jaxrep import protocol, report
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             PYTHONPATH=os.pathsep.join(
+                 [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+  args = [f"--{k}={v}" for k, v in CLI.items() if k != "attack_check"]
+  args += ["--noattack_check", "--noprogress", f"--out={tmp_path}",
+           f"--coordinator_address=localhost:{port}", "--num_processes=2"]
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "jaxrep.simulate", *args, f"--process_id={pid}"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      cwd=os.path.dirname(HERE)) for pid in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=3 * TIMEOUT)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert [p.returncode for p in procs] == [0, 0], "\n".join(logs)[-4000:]
+  import json
+  multi = json.loads((tmp_path / "results.json").read_text())
+  assert multi["notes"][-1] == "multi-host: 2 processes, not checkpointed"
+  single = report.results_dict(protocol.run(protocol.SimConfig(**CLI),
+                                            progress=False))
+  assert jax.device_count() == 8
+  assert multi["providers"] == single["providers"]
+  assert multi["client"] == single["client"]
+  strip = lambda s: {k: v for k, v in s.items() if k != "wall_seconds"}
+  assert strip(multi["summary"]) == strip(single["summary"])
+  assert multi["summary"]["tpr"] > 0     # the comparison covers real flags
