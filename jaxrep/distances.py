@@ -732,6 +732,34 @@ def _patch_ids(h: int, w: int, grid: int) -> jax.Array:
   return jnp.asarray(rows[:, None] * grid + cols[None, :])
 
 
+def _span_ids(length: int, segments: int) -> jax.Array:
+  """[L] index of the contiguous token span each position belongs to."""
+  return jnp.asarray((np.arange(length) * segments) // length)
+
+
+def _perturb(refs, masks, grid, fill):
+  """Perturbed copies [R, S, ...] of references under feature masks [R, S, F].
+
+  Images [R, H, W, C]: feature p is the p-th cell of a grid x grid array of
+  patches; a masked-out patch is 0 (fill "zero") or the image's per-channel
+  mean ("mean"). Token sequences [R, L] (integer ids): feature p is the p-th
+  of grid^2 contiguous spans of about L / grid^2 tokens; a masked-out span
+  is replaced by the token id `fill` (an int, e.g. the unk id; "zero" means
+  id 0, the pad token): token masking, the text counterpart of blanking a
+  patch.
+  """
+  if refs.ndim == 2:
+    on = masks[:, :, _span_ids(refs.shape[1], grid * grid)]      # [R,S,L]
+    token = 0 if fill == "zero" else fill
+    return jnp.where(on, refs[:, None], jnp.asarray(token, refs.dtype))
+  _, h, w, _ = refs.shape
+  pixel_on = masks[:, :, _patch_ids(h, w, grid)][..., None]   # [R,S,H,W,1]
+  fill_val = (jnp.zeros_like(refs) if fill == "zero" else
+              jnp.broadcast_to(jnp.mean(refs, axis=(1, 2), keepdims=True),
+                               refs.shape))
+  return jnp.where(pixel_on, refs[:, None], fill_val[:, None])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))
 def _zest_fit_jit(apply_fn, params, model_state, reference_x, key, grid,
                   num_perturbations, num_references, fill, provider_batch):
@@ -740,21 +768,19 @@ def _zest_fit_jit(apply_fn, params, model_state, reference_x, key, grid,
   idx = (jnp.arange(total) if num_references == total else
          jax.random.choice(k_ref, total, (num_references,), replace=False))
   refs = reference_x[idx]
+  dtype = (refs.dtype if jnp.issubdtype(refs.dtype, jnp.floating)
+           else jnp.float32)
   squeeze = refs.ndim == 3
   if squeeze:
     refs = refs[..., None]
-  r, h, w, _ = refs.shape
+  r = refs.shape[0]
   masks = jax.random.bernoulli(k_mask, 0.5,
                                (r, num_perturbations, grid * grid))
   design = jnp.concatenate(
-      [jnp.ones((r, num_perturbations, 1), refs.dtype),
-       masks.astype(refs.dtype)], axis=-1)
+      [jnp.ones((r, num_perturbations, 1), dtype),
+       masks.astype(dtype)], axis=-1)
   pinv = jnp.linalg.pinv(design)
-  pixel_on = masks[:, :, _patch_ids(h, w, grid)][..., None]   # [R,S,H,W,1]
-  fill_val = (jnp.zeros_like(refs) if fill == "zero" else
-              jnp.broadcast_to(jnp.mean(refs, axis=(1, 2), keepdims=True),
-                               refs.shape))
-  pert = jnp.where(pixel_on, refs[:, None], fill_val[:, None])
+  pert = _perturb(refs, masks, grid, fill)
   pert = pert.reshape((r * num_perturbations,) + pert.shape[2:])
   if squeeze:
     pert = pert[..., 0]
@@ -774,8 +800,10 @@ def zest_fit(apply_fn: Callable, params, model_state, reference_x, key, *,
              provider_batch: Optional[int] = None) -> ZestFit:
   """Fits every provider's LIME surrogates for Zest (Jia et al., 2022).
 
-  Procedure: pick `num_references` reference images (random subset under
-  `key`; all of them if None). Split each H x W image into a grid x grid
+  Procedure: pick `num_references` reference inputs (random subset under
+  `key`; all of them if None). Token sequences [R, L] are handled the same
+  way with grid^2 contiguous token spans as the superpixels and masked-out
+  spans replaced by a token id (see `_perturb`). Split each H x W image into a grid x grid
   array of patches (the superpixels). Draw `num_perturbations` random binary
   masks over the grid*grid patches per reference (Bernoulli(1/2)); a masked
   out patch is set to 0 (fill="zero") or to the image's per-channel mean
@@ -788,41 +816,57 @@ def zest_fit(apply_fn: Callable, params, model_state, reference_x, key, *,
   Args:
     apply_fn: single-provider (params, model_state, x) -> (logits, features).
     params, model_state: population pytrees with leading provider axis n.
-    reference_x: reference images [R, H, W, C] or [R, H, W].
+    reference_x: reference images [R, H, W, C] or [R, H, W], or integer
+      token ids [R, L].
     key: PRNG key for the reference subset and the masks.
     grid: patches per side (grid^2 superpixels).
     num_perturbations: perturbed samples per reference, >= grid^2 + 1.
     num_references: references used (<= R); None uses all.
-    fill: "zero" or "mean".
+    fill: images: "zero" or "mean"; token ids: "zero" (id 0) or a token id.
     provider_batch: see `population_apply`.
 
   Returns:
     A `ZestFit`.
   """
   _check_population_models(params, model_state)
-  require(hasattr(reference_x, "ndim") and reference_x.ndim in (3, 4),
-          "reference_x", "must be images [R, H, W, C] or [R, H, W]; got "
-          f"shape {getattr(reference_x, 'shape', None)}")
+  text = (hasattr(reference_x, "ndim") and reference_x.ndim == 2
+          and not jnp.issubdtype(reference_x.dtype, jnp.floating))
+  require(text or (hasattr(reference_x, "ndim")
+                   and reference_x.ndim in (3, 4)), "reference_x",
+          "must be images [R, H, W, C] or [R, H, W], or integer token ids "
+          f"[R, L]; got shape {getattr(reference_x, 'shape', None)}")
   total = reference_x.shape[0]
   num_references = total if num_references is None else num_references
   require(isinstance(num_references, int) and 1 <= num_references <= total,
           "num_references", f"must be an int in [1, {total}]; got "
           f"{num_references!r}")
-  require(isinstance(grid, int) and 1 <= grid <= min(reference_x.shape[1:3]),
-          "grid", f"must be an int in [1, min(H, W)="
-          f"{min(reference_x.shape[1:3])}]; got {grid!r}")
+  if text:
+    length = reference_x.shape[1]
+    require(isinstance(grid, int) and 1 <= grid * grid <= length, "grid",
+            f"must be an int with 1 <= grid^2 <= L={length} (grid^2 token "
+            f"spans); got {grid!r}")
+    require(fill == "zero" or (isinstance(fill, int)
+                               and not isinstance(fill, bool)
+                               and fill >= 0), "fill",
+            f"for token ids must be 'zero' (the pad id 0) or a token id; got "
+            f"{fill!r}")
+  else:
+    require(isinstance(grid, int)
+            and 1 <= grid <= min(reference_x.shape[1:3]), "grid",
+            f"must be an int in [1, min(H, W)="
+            f"{min(reference_x.shape[1:3])}]; got {grid!r}")
+    require(fill in ZEST_FILLS, "fill",
+            f"must be one of {ZEST_FILLS}; got {fill!r}")
   require(isinstance(num_perturbations, int)
           and num_perturbations >= grid * grid + 1, "num_perturbations",
           f"must be an int >= grid^2 + 1 = {grid * grid + 1} so the "
           f"least-squares fit is determined; got {num_perturbations!r}")
-  require(fill in ZEST_FILLS, "fill",
-          f"must be one of {ZEST_FILLS}; got {fill!r}")
   require(provider_batch is None or (isinstance(provider_batch, int)
                                      and provider_batch >= 1),
           "provider_batch", f"must be None or an int >= 1; got "
           f"{provider_batch!r}")
   reference_x = jnp.asarray(reference_x)
-  if not jnp.issubdtype(reference_x.dtype, jnp.floating):
+  if not text and not jnp.issubdtype(reference_x.dtype, jnp.floating):
     reference_x = reference_x.astype(jnp.float32)
   return _zest_fit_jit(apply_fn, params, model_state, reference_x, key, grid,
                        num_perturbations, num_references, fill,
