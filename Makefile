@@ -16,12 +16,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Fashion-MNIST IDX files from Debian's dataset-fashion-mnist package (the
-# tests' medium-size real dataset; they skip, saying why, if it is absent).
+# tests' medium-size real dataset) and the quotations of Debian's fortunes
+# package (the real text corpus "fortunes"); the tests that need them skip,
+# saying why, if they are absent.
 datasets:
 	@if [ ! -d $(FASHION_DIR) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "note: install Debian's dataset-fashion-mnist for the Fashion-MNIST tests"; fi; \
+	fi
+	@if [ ! -d /usr/share/games/fortunes ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq fortunes; \
+	  else echo "note: install Debian's fortunes for the text-corpus tests"; fi; \
 	fi
 
 run: setup

@@ -7,12 +7,16 @@ Three kinds of source are recognised by `load_dataset`:
 * ``"idx"`` / ``"fashion_mnist_idx"``: MNIST-style IDX files (gzipped or not)
   read from a directory. ``fashion_mnist_idx`` defaults to the directory of
   Debian's ``dataset-fashion-mnist`` package.
-* any other name: a TensorFlow Datasets (TFDS) image-classification dataset,
-  read from an already prepared ``data_dir`` without TensorFlow (see
-  `jaxrep.tfds_offline`).
+* ``"fortunes"`` / ``"text_synthetic"``: text classification (see
+  `jaxrep.text_data`).
+* any other name: a TensorFlow Datasets (TFDS) image- or text-classification
+  dataset, read from an already prepared ``data_dir`` without TensorFlow (see
+  `jaxrep.tfds_offline`); it is text when the builder's supervised input is a
+  ``tfds.features.Text`` ("imdb_reviews", "ag_news_subset", ...).
 
-Every source yields a `Dataset` of float32 images in [0, 1] with shape
-[N, H, W, C] and int32 labels.
+Every image source yields a `Dataset` of float32 images in [0, 1] with shape
+[N, H, W, C] and int32 labels; every text source a `Dataset` of int32 token
+ids [N, L] with its `vocab` (see `jaxrep.text_data`).
 
 `batch_schedule` turns (seed, subrun) into the fixed sequence of example
 indices that every simulated provider of that subrun trains on.
@@ -60,15 +64,18 @@ _DIGITS_TEST_FRACTION = 0.2
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """An image-classification dataset held in memory.
+  """An image- or text-classification dataset held in memory.
 
   Attributes:
     name: Name the dataset was loaded under.
-    x_train: float32 [N, H, W, C] training images with values in [0, 1].
+    x_train: Images: float32 [N, H, W, C] with values in [0, 1]. Text: int32
+      [N, L] token ids (0 = "<pad>", 1 = "<unk>", right-padded).
     y_train: int32 [N] training labels in [0, num_classes).
-    x_test: float32 [M, H, W, C] test images with values in [0, 1].
+    x_test: float32 [M, H, W, C] test images, or int32 [M, L] token ids.
     y_test: int32 [M] test labels in [0, num_classes).
     num_classes: Number of classes.
+    vocab: Text only: vocab[i] is the word of token id i (see
+      `jaxrep.text_data`); None for images.
   """
   name: str
   x_train: np.ndarray
@@ -76,10 +83,16 @@ class Dataset:
   x_test: np.ndarray
   y_test: np.ndarray
   num_classes: int
+  vocab: tuple[str, ...] | None = None
 
   @property
-  def input_shape(self) -> tuple[int, int, int]:
-    """Shape (H, W, C) of one image."""
+  def modality(self) -> str:
+    """"text" when the dataset has a vocabulary, else "image"."""
+    return "text" if self.vocab is not None else "image"
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    """Shape of one example: (H, W, C) of an image, (L,) of a text."""
     return tuple(int(d) for d in self.x_train.shape[1:])
 
 
@@ -347,25 +360,34 @@ def _finish(name: str, x_train, y_train, x_test, y_test, num_classes: int,
 
 def load_dataset(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
                  max_train: int | None = None,
-                 max_test: int | None = None) -> Dataset:
-  """Loads an image-classification dataset into memory.
+                 max_test: int | None = None,
+                 max_len: int = 64,
+                 vocab_size: int = 10000) -> Dataset:
+  """Loads an image- or text-classification dataset into memory.
 
   Args:
     name: "digits" (scikit-learn, embedded), "idx" (IDX files in `data_dir`),
       "fashion_mnist_idx" (IDX files, `data_dir` defaulting to
-      /usr/share/datasets/fashion-mnist), or the name of a TFDS image
-      classification builder (e.g. "fashion_mnist", "mnist", "cifar10",
-      "svhn_cropped", "emnist/balanced") prepared in `data_dir` in
-      array_record format (see `jaxrep.tfds_offline`).
-    data_dir: Where the files are; ignored for "digits"; required for "idx";
-      for TFDS, None means TFDS's default (~/tensorflow_datasets or
-      $TFDS_DATA_DIR).
+      /usr/share/datasets/fashion-mnist), a text dataset of
+      `jaxrep.text_data.TEXT_DATASETS` ("fortunes", "text_synthetic"), or the
+      name of a TFDS image-classification builder (e.g. "fashion_mnist",
+      "mnist", "cifar10", "svhn_cropped", "emnist/balanced") or
+      text-classification builder (e.g. "imdb_reviews", "ag_news_subset")
+      prepared in `data_dir` in array_record format (see
+      `jaxrep.tfds_offline`).
+    data_dir: Where the files are; ignored for "digits" and "text_synthetic";
+      required for "idx"; for "fortunes" defaults to
+      /usr/share/games/fortunes; for TFDS, None means TFDS's default
+      (~/tensorflow_datasets or $TFDS_DATA_DIR).
     max_train: If set, keep only the first `max_train` training examples (all
       of them if there are fewer).
     max_test: Same for the test split.
+    max_len: Text only: tokens per example (truncated, right-padded).
+    vocab_size: Text only: maximum vocabulary size including the specials.
+      Both are ignored for images; see `jaxrep.text_data.load_text_dataset`.
 
   Returns:
-    The dataset; images float32 in [0, 1], labels int32.
+    The dataset; images float32 in [0, 1] or int32 token ids, labels int32.
 
   Raises:
     ConfigError: Unknown name, missing/corrupt files, a TFDS dataset that is
@@ -381,6 +403,11 @@ def load_dataset(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
   name = name.strip()
   data_dir = None if data_dir is None else os.fspath(data_dir)
 
+  from jaxrep import text_data  # pylint: disable=g-import-not-at-top
+  if name in text_data.TEXT_DATASETS:
+    return text_data.load_text_dataset(
+        name, data_dir, max_len=max_len, vocab_size=vocab_size,
+        max_train=max_train, max_test=max_test)
   if name == "digits":
     arrays = _load_digits()
     return _finish(name, *arrays, 10, max_train, max_test)
@@ -397,6 +424,10 @@ def load_dataset(name: str = DEFAULT_DATASET, data_dir: str | None = None, *,
                    max_train, max_test)
 
   from jaxrep import tfds_offline  # pylint: disable=g-import-not-at-top
+  if tfds_offline.tfds_modality(name, data_dir) == "text":
+    return text_data.load_text_dataset(
+        name, data_dir, max_len=max_len, vocab_size=vocab_size,
+        max_train=max_train, max_test=max_test)
   x_train, y_train, x_test, y_test, num_classes = tfds_offline.load_tfds_arrays(
       name, data_dir, max_train=max_train, max_test=max_test)
   return _finish(name, x_train, y_train, x_test, y_test, num_classes,

@@ -299,3 +299,295 @@ def prepare_tfds_from_idx(name: str, idx_dir: str,
                                  download_config=config,
                                  file_format="array_record")
   return os.fspath(builder.data_path)
+
+
+# ----------------------------------------------------------------------------
+# Text classification.
+
+
+def _text_unknown_message(name: str) -> str:
+  """Error text for a name that is no dataset jaxrep knows, image or text."""
+  from jaxrep import text_data  # pylint: disable=g-import-not-at-top
+  return (f"{_unknown_name_message(name)}, or a text dataset: "
+          f"{', '.join(text_data.TEXT_DATASETS)} or any TFDS "
+          "text-classification builder (e.g. imdb_reviews, ag_news_subset)")
+
+
+def _any_builder(name: str, data_dir: str | None):
+  """The TFDS builder for `name`; the error lists image and text names."""
+  tfds = _tfds()
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # TFDS raises a variety of errors for bad names.
+    raise ConfigError(f"{_text_unknown_message(name)} (TFDS: "
+                      f"{str(e).splitlines()[0]})") from e
+
+
+def _is_text_builder(builder) -> bool:
+  """True when the builder's supervised input is a tfds.features.Text."""
+  tfds = _tfds()
+  keys = builder.info.supervised_keys
+  return (isinstance(keys, tuple) and len(keys) == 2 and
+          isinstance(keys[0], str) and keys[0] in builder.info.features and
+          isinstance(builder.info.features[keys[0]], tfds.features.Text))
+
+
+def tfds_modality(name: str, data_dir: str | None) -> str:
+  """"text" if TFDS's `name` has a Text supervised input, else "image".
+
+  Only reads the builder's metadata; nothing needs to be prepared.
+
+  Raises:
+    ConfigError: `name` is not a TFDS builder.
+  """
+  return "text" if _is_text_builder(_any_builder(name, data_dir)) else "image"
+
+
+def _text_keys(builder) -> tuple[str, str]:
+  """(text_key, label_key) of a text-classification builder.
+
+  Raises:
+    ConfigError: The supervised keys are not a plain Text and a ClassLabel.
+  """
+  tfds = _tfds()
+  keys = builder.info.supervised_keys
+  features = builder.info.features
+  ok = (_is_text_builder(builder) and keys[1] in features and
+        isinstance(features[keys[1]], tfds.features.ClassLabel))
+  require(ok, "dataset",
+          f"TFDS dataset {builder.name!r} is not a text-classification "
+          "dataset (its supervised keys must be a Text and a ClassLabel, got "
+          f"{keys!r}); use e.g. imdb_reviews or ag_news_subset")
+  require(builder.info.features[keys[0]].encoder is None, "dataset",
+          f"TFDS dataset {builder.info.full_name!r} stores its text as "
+          "subword ids (a TFDS text encoder); use a plain-text config such as "
+          "imdb_reviews/plain_text")
+  return keys
+
+
+def _text_test_split(builder) -> str:
+  """The split used as test set: "test", else "validation" (documented)."""
+  splits = builder.info.splits
+  require("train" in splits, "dataset",
+          f"TFDS dataset {builder.name!r} has no 'train' split; it has "
+          f"{sorted(splits)}")
+  for split in ("test", "validation"):
+    if split in splits:
+      return split
+  raise ConfigError(
+      f"dataset: TFDS dataset {builder.name!r} has neither a 'test' nor a "
+      f"'validation' split to test on; it has {sorted(splits)}")
+
+
+def text_builder(name: str, data_dir: str | None):
+  """The prepared TFDS builder of a text-classification dataset.
+
+  Fails fast, without downloading, when the dataset is not prepared in
+  `data_dir` (unless JAXREP_TFDS_DOWNLOAD=1, as for images).
+
+  Args:
+    name: TFDS builder name, optionally "name/config".
+    data_dir: TFDS data directory; None for TFDS's default.
+
+  Returns:
+    The builder, prepared in `data_dir`.
+
+  Raises:
+    ConfigError: Unknown name, not a text-classification dataset, not
+      prepared, or without a train and a test (or validation) split.
+  """
+  builder = _any_builder(name, data_dir)
+  _text_keys(builder)
+  if not builder.is_prepared():
+    if os.environ.get(DOWNLOAD_ENV, "") != "1":
+      head, rest = _not_prepared_message(builder, data_dir).split("\n", 1)
+      raise ConfigError(
+          f"{head}\n  * offline from your own (text, label) pairs: python -c "
+          "\"from jaxrep import tfds_offline; tfds_offline.prepare_tfds_text("
+          f"'{name}', TRAIN_PAIRS, TEST_PAIRS, DATA_DIR)\"\n{rest}")
+    _download(builder)
+  _text_test_split(builder)
+  return builder
+
+
+def _as_text(value) -> str:
+  """A TFDS Text value (bytes, str or 0-d array) as str, decoding UTF-8."""
+  if isinstance(value, np.ndarray):
+    value = value.item()
+  if isinstance(value, bytes):
+    return value.decode("utf-8", errors="replace")
+  return str(value)
+
+
+def _read_text_split(source, text_key: str, label_key: str,
+                     limit: int | None) -> tuple[list[str], np.ndarray]:
+  """Texts and labels of the first `limit` examples of a data source."""
+  count = len(source) if limit is None else min(limit, len(source))
+  texts, labels = [], []
+  for start in range(0, count, _READ_CHUNK):
+    examples = source.__getitems__(range(start, min(start + _READ_CHUNK,
+                                                    count)))
+    texts += [_as_text(ex[text_key]) for ex in examples]
+    labels += [int(ex[label_key]) for ex in examples]
+  return texts, np.asarray(labels, np.int64)
+
+
+def read_text_splits(builder, *, max_train: int | None = None,
+                     max_test: int | None = None):
+  """Reads the texts and labels of a prepared text-classification builder.
+
+  The test set is the "test" split, or "validation" when there is no "test"
+  split (GLUE-style datasets).
+
+  Args:
+    builder: From `text_builder`.
+    max_train: Read only the first `max_train` training examples.
+    max_test: Read only the first `max_test` test examples.
+
+  Returns:
+    A `jaxrep.text_data.Corpus` (texts decoded from UTF-8, int64 labels).
+
+  Raises:
+    ConfigError: Stored in a format that needs TensorFlow, or labels outside
+      [0, num_classes) (e.g. an unlabelled split).
+  """
+  from jaxrep import text_data  # pylint: disable=g-import-not-at-top
+  text_key, label_key = _text_keys(builder)
+  test_split = _text_test_split(builder)
+  name = builder.info.full_name
+  try:
+    sources = builder.as_data_source()
+  except (NotImplementedError, ValueError) as e:
+    raise ConfigError(
+        f"data_dir: TFDS dataset {name!r} in {builder.data_path} is stored as "
+        f"{builder.info.file_format}, which needs tensorflow to read; jaxrep "
+        "reads the array_record format, e.g. from tfds build "
+        f"{builder.name} --file_format=array_record ({e})") from e
+  num_classes = builder.info.features[label_key].num_classes
+  splits = {}
+  for split, limit in (("train", max_train), (test_split, max_test)):
+    texts, labels = _read_text_split(sources[split], text_key, label_key,
+                                     limit)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    require(bad.size == 0, "dataset",
+            f"TFDS dataset {name!r} split {split!r} has labels outside "
+            f"[0, {num_classes}), e.g. {bad[:3].tolist()} (an unlabelled "
+            "split?)")
+    splits[split] = (tuple(texts), labels)
+  return text_data.Corpus(*splits["train"], *splits[test_split],
+                          int(num_classes))
+
+
+@functools.cache
+def _text_builder_cls(name: str):
+  """Subclass of TFDS's stock text builder `name` fed from given examples.
+
+  Like `_idx_builder_cls`: same name, version, configs and features as the
+  stock builder, not registered with TFDS.
+  """
+  tfds = _tfds()
+  base = tfds.builder_cls(name)
+  base_name = base.name
+
+  class FromExamples(base, skip_registration=True):
+    """Stock builder whose examples come from `self.text_splits`."""
+    name = base_name
+    # Set on the instance: {split: [(index, example dict), ...]}.
+    text_splits = None
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+      return None  # No downloads, hence no checksums (see _idx_builder_cls).
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # Nothing is downloaded.
+      return {split: iter(examples)
+              for split, examples in self.text_splits.items()}
+
+  FromExamples.__name__ = FromExamples.__qualname__ = (
+      f"{base.__name__}FromExamples")
+  FromExamples.__module__ = base.__module__
+  return FromExamples
+
+
+def _text_examples(examples, split: str, features, text_key: str,
+                   label_key: str) -> list:
+  """(index, feature dict) pairs of (text, label) examples, checked.
+
+  Text features other than `text_key` (ag_news_subset's "title") are left
+  empty.
+  """
+  tfds = _tfds()
+  num_classes = features[label_key].num_classes
+  others = {k: "" for k, f in features.items()
+            if k not in (text_key, label_key) and
+            isinstance(f, tfds.features.Text)}
+  out = []
+  for index, example in enumerate(examples):
+    ok = isinstance(example, (tuple, list)) and len(example) == 2
+    text, label = example if ok else (None, None)
+    require(ok and isinstance(text, str) and data_lib._is_int(label) and
+            0 <= label < num_classes, f"{split}_examples",
+            f"example {index} must be (text: str, label: int in "
+            f"[0, {num_classes})), got {example!r:.80}")
+    out.append((index, {**others, text_key: text, label_key: int(label)}))
+  require(out, f"{split}_examples", "must hold at least one example")
+  return out
+
+
+def prepare_tfds_text(name: str, train_examples, test_examples,
+                      data_dir: str | None = None) -> str:
+  """Prepares a TFDS text-classification dataset from given examples.
+
+  Needs neither network nor TensorFlow. Runs the stock TFDS builder class of
+  `name` (e.g. "ag_news_subset", "imdb_reviews") with only the source of the
+  examples replaced, keyed by their index, and writes it in the array_record
+  format under data_dir/NAME/[CONFIG/]VERSION, where
+  `tfds.builder(name, data_dir=data_dir)` reads it like a regular download.
+  Only "train" and "test" splits are written. An already prepared dataset
+  there is left as it is.
+
+  Args:
+    name: A TFDS builder whose supervised keys are a Text and a ClassLabel,
+      optionally "name/config".
+    train_examples: Iterable of (text, label) pairs.
+    test_examples: Same for the test split.
+    data_dir: TFDS data directory to write into; None for TFDS's default.
+
+  Returns:
+    The directory of the prepared dataset.
+
+  Raises:
+    ConfigError: Unknown or non-text name, a builder with features that
+      cannot be left empty, or malformed examples.
+  """
+  tfds = _tfds()
+  require(isinstance(name, str) and name.strip() != "", "dataset",
+          f"must be a TFDS builder name, got {name!r}")
+  try:
+    dataset_name, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
+    cls = _text_builder_cls(dataset_name.name)
+    builder = cls(data_dir=data_dir, **kwargs)
+  except Exception as e:  # Unknown builder or config.
+    raise ConfigError(f"{_text_unknown_message(name)} (TFDS: "
+                      f"{str(e).splitlines()[0]})") from e
+  text_key, label_key = _text_keys(builder)
+  features = builder.info.features
+  extra = [k for k, f in features.items()
+           if k not in (text_key, label_key) and
+           not isinstance(f, tfds.features.Text)]
+  require(not extra, "dataset",
+          f"can prepare {name!r} only from (text, label) examples, but it "
+          f"also has the non-text features {extra}")
+  builder.text_splits = {
+      split: _text_examples(examples, split, features, text_key, label_key)
+      for split, examples in (("train", train_examples),
+                              ("test", test_examples))}
+  config = tfds.download.DownloadConfig(
+      compute_stats=tfds.download.ComputeStatsMode.SKIP)
+  with tempfile.TemporaryDirectory(prefix="jaxrep_tfds_") as scratch:
+    builder.download_and_prepare(download_dir=scratch,
+                                 download_config=config,
+                                 file_format="array_record")
+  return os.fspath(builder.data_path)

@@ -268,7 +268,7 @@ def test_bad_dataset_name_type(name):
 
 def test_non_image_tfds_dataset_rejected(tmp_path):
   with pytest.raises(ConfigError, match="not an image-classification"):
-    data.load_dataset("imdb_reviews", str(tmp_path))
+    data.load_dataset("penguins", str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
