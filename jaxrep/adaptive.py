@@ -347,6 +347,8 @@ def calibrate(config, dataset: data_lib.Dataset, *, subrun: int = 0,
   providers receive) with `providers` benign replicas (default config's n)
   and config's divergence.
   """
+  from jaxrep import protocol  # pylint: disable=g-import-not-at-top
+  config = protocol.resolve(config, dataset)
   n = providers or config.providers
   model = models_lib.get_model(config.model, dataset.num_classes,
                                dataset.input_shape)

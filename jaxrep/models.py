@@ -1,7 +1,10 @@
 """Flax (linen) models, chosen by name.
 
-Every model maps images [B, H, W, C] to `(logits [B, classes], features [B, d])`,
+Every model maps a batch of inputs to `(logits [B, classes], features [B, d])`,
 where `features` are the penultimate activations (used by the CKA metric).
+Image models (IMAGE_MODELS) take float images [B, H, W, C]; text models
+(TEXT_MODELS) take int32 token ids [B, L], right-padded with id 0 (`<pad>`),
+and need the vocabulary size.
 
 Two things are threaded through every matmul and convolution:
 
@@ -28,12 +31,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxrep.errors import ConfigError
 
 PRECISION = lax.Precision.HIGHEST
-MODELS = ("mlp", "cnn", "resnet20")
+IMAGE_MODELS = ("mlp", "cnn", "resnet20")
+TEXT_MODELS = ("text_cnn", "text_transformer")
+MODELS = IMAGE_MODELS + TEXT_MODELS
+PAD_ID = 0
 
 
 def _round_bf16(x, flag):
@@ -177,10 +184,145 @@ class ResNet20(nn.Module):
     return logits, features
 
 
+# ----------------------------------------------------------------------------
+# Text classifiers over token ids [B, L] (id 0 = padding, right-padded).
+
+
+def _einsum(flag, spec, a, b):
+  """`jnp.einsum` at PRECISION with the bf16 operand rounding of `flag`."""
+  return jnp.einsum(spec, _round_bf16(a, flag), _round_bf16(b, flag),
+                    precision=PRECISION)
+
+
+def _embed_tokens(tokens, vocab_size, dim):
+  """Embeds ids [B, L] -> ([B, L, dim] with pad rows zeroed, mask [B, L]).
+
+  A lookup (gather), not a one-hot matmul: exact in any precision, and its
+  cost does not grow with the vocabulary.
+  """
+  mask = tokens != PAD_ID
+  emb = nn.Embed(vocab_size, dim, name="embed")(tokens)
+  return emb * mask[..., None].astype(emb.dtype), mask
+
+
+def _windows(x, width):
+  """Sliding windows [B, L, E] -> [B, L, width*E]; window t = x[t:t+width].
+
+  The sequence is zero-padded at the end, so every position starts a window.
+  """
+  x = jnp.pad(x, ((0, 0), (0, width - 1), (0, 0)))
+  length = x.shape[1] - width + 1
+  return jnp.concatenate([x[:, i:i + length] for i in range(width)], axis=-1)
+
+
+class TextCNN(nn.Module):
+  """Kim (2014)-style text CNN.
+
+  Embedding -> for each width w: 1-D convolution (w-grams, `filters`
+  channels) + ReLU -> max-pool over the windows that start at a real token;
+  features = the concatenated pooled vectors, logits = dense(features).
+
+  Each convolution is windows [B, L, w*E] x kernel [w*E, filters]: one
+  dot_general, which vmaps over providers into a batched matmul (a vmapped
+  `lax.conv` would become a slow grouped convolution, see
+  `_conv_general_dilated`). Windows are cut from one embedding tensor whose
+  pad rows are zero, so the result does not depend on how much padding
+  follows the text.
+  """
+  num_classes: int
+  vocab_size: int
+  embed_dim: int = 64
+  widths: Sequence[int] = (3, 4, 5)
+  filters: int = 64
+  bf16: Any = None
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    del train
+    x, mask = _embed_tokens(tokens, self.vocab_size, self.embed_dim)
+    pooled = []
+    for w in self.widths:
+      h = nn.Dense(self.filters, dot_general=_dot_general(self.bf16),
+                   name=f"conv{w}")(_windows(x, w))
+      h = nn.relu(h)
+      # After the ReLU every value is >= 0, so zeroing the windows that start
+      # in the padding leaves the max over the real ones unchanged (and gives
+      # 0, not -inf, for an empty text).
+      pooled.append(jnp.max(jnp.where(mask[..., None], h, 0.0), axis=1))
+    features = jnp.concatenate(pooled, axis=-1)
+    logits = nn.Dense(self.num_classes, dot_general=_dot_general(self.bf16),
+                      name="head")(features)
+    return logits, features
+
+
+class _EncoderBlock(nn.Module):
+  """Pre-LN transformer encoder block with a key padding mask."""
+  dim: int
+  heads: int
+  mlp_dim: int
+  bf16: Any = None
+
+  @nn.compact
+  def __call__(self, x, mask):
+    b, l, d = x.shape
+    dh = d // self.heads
+    dense = lambda n, name: nn.Dense(n, dot_general=_dot_general(self.bf16),
+                                     name=name)
+    h = nn.LayerNorm(name="ln_attn")(x)
+    qkv = dense(3 * d, "qkv")(h).reshape(b, l, 3, self.heads, dh)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scores = _einsum(self.bf16, "bqhd,bkhd->bhqk", q, k) / jnp.sqrt(
+        jnp.float32(dh))
+    # Finite, not -inf: an all-padding text then attends uniformly, not NaN.
+    scores = jnp.where(mask[:, None, None, :], scores, -1e9)
+    attn = jax.nn.softmax(scores, axis=-1)
+    out = _einsum(self.bf16, "bhqk,bkhd->bqhd", attn, v).reshape(b, l, d)
+    x = x + dense(d, "attn_out")(out)
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    h = dense(d, "mlp_out")(nn.gelu(dense(self.mlp_dim, "mlp_in")(h)))
+    return x + h
+
+
+class TextTransformer(nn.Module):
+  """Small pre-LN transformer encoder classifier.
+
+  Token + learned positional embedding -> `depth` encoder blocks (padding
+  keys masked out) -> final LayerNorm -> mean over the non-pad tokens
+  (features) -> dense (logits).
+  """
+  num_classes: int
+  vocab_size: int
+  max_len: int = 64
+  dim: int = 64
+  depth: int = 2
+  heads: int = 4
+  mlp_dim: int = 128
+  bf16: Any = None
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    del train
+    x, mask = _embed_tokens(tokens, self.vocab_size, self.dim)
+    pos = self.param("pos_embed", nn.initializers.normal(0.02),
+                     (self.max_len, self.dim))
+    x = x + pos[:tokens.shape[1]]
+    for i in range(self.depth):
+      x = _EncoderBlock(self.dim, self.heads, self.mlp_dim, self.bf16,
+                        name=f"block{i}")(x, mask)
+    x = nn.LayerNorm(name="ln_final")(x)
+    m = mask[..., None].astype(x.dtype)
+    features = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    logits = nn.Dense(self.num_classes, dot_general=_dot_general(self.bf16),
+                      name="head")(features)
+    return logits, features
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "resnet20": ResNet20,
+    "text_cnn": TextCNN,
+    "text_transformer": TextTransformer,
 }
 
 
@@ -191,18 +333,32 @@ class Model:
   Attributes:
     name: one of MODELS.
     num_classes: number of output classes.
-    input_shape: (H, W, C) of one example.
+    input_shape: (H, W, C) of one image, or (L,) of one token sequence.
+    vocab_size: vocabulary size of a text model (None for image models).
   """
   name: str
   num_classes: int
-  input_shape: tuple[int, int, int]
+  input_shape: tuple[int, ...]
+  vocab_size: int | None = None
+
+  @property
+  def is_text(self) -> bool:
+    return self.name in TEXT_MODELS
 
   def module(self, bf16=None) -> nn.Module:
+    if self.name == "text_transformer":
+      return TextTransformer(num_classes=self.num_classes,
+                             vocab_size=self.vocab_size,
+                             max_len=self.input_shape[0], bf16=bf16)
+    if self.is_text:
+      return _REGISTRY[self.name](num_classes=self.num_classes,
+                                  vocab_size=self.vocab_size, bf16=bf16)
     return _REGISTRY[self.name](num_classes=self.num_classes, bf16=bf16)
 
   def init(self, key) -> tuple[Any, Any]:
     """Returns (params, model_state) of one freshly initialised model."""
-    x = jnp.zeros((1, *self.input_shape), jnp.float32)
+    dtype = jnp.int32 if self.is_text else jnp.float32
+    x = jnp.zeros((1, *self.input_shape), dtype)
     variables = self.module().init(key, x, train=False)
     params = variables["params"]
     model_state = {k: v for k, v in variables.items() if k != "params"}
@@ -223,18 +379,43 @@ class Model:
     return self.apply(params, model_state, x, train=False)[0]
 
 
-def get_model(name: str, num_classes: int,
-              input_shape: Sequence[int]) -> Model:
-  """Looks a model up by name; raises ConfigError for an unknown name."""
+def get_model(name: str, num_classes: int, input_shape: Sequence[int],
+              vocab_size: int | None = None) -> Model:
+  """Looks a model up by name; raises ConfigError for unusable arguments.
+
+  Args:
+    name: one of MODELS.
+    num_classes: number of output classes (>= 2).
+    input_shape: (H, W, C) for IMAGE_MODELS, (L,) for TEXT_MODELS.
+    vocab_size: number of token ids (>= 3: <pad>, <unk> and a word) for
+      TEXT_MODELS; must be None for IMAGE_MODELS.
+  """
   if name not in _REGISTRY:
     raise ConfigError(f"model: unknown model {name!r}; choose one of "
                       f"{', '.join(MODELS)}")
   if num_classes < 2:
     raise ConfigError(f"num_classes: must be >= 2, got {num_classes}")
-  if len(input_shape) != 3 or min(input_shape) < 1:
-    raise ConfigError(f"input_shape: must be (H, W, C) with positive sizes, "
-                      f"got {tuple(input_shape)}")
-  return Model(name, int(num_classes), tuple(int(s) for s in input_shape))
+  shape = tuple(input_shape)
+  if name in TEXT_MODELS:
+    if len(shape) != 1 or int(shape[0]) != shape[0] or shape[0] < 1:
+      raise ConfigError(f"input_shape: text model {name!r} takes token "
+                        f"sequences of shape (L,) with L >= 1, got {shape}; "
+                        f"for images use one of {', '.join(IMAGE_MODELS)}")
+    if (isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 3):
+      raise ConfigError(f"vocab_size: text model {name!r} needs an integer "
+                        f"vocabulary size >= 3 (<pad>, <unk> and at least "
+                        f"one word), got {vocab_size!r}")
+    return Model(name, int(num_classes), (int(shape[0]),), int(vocab_size))
+  if len(shape) != 3 or min(shape) < 1:
+    raise ConfigError(f"input_shape: image model {name!r} takes (H, W, C) "
+                      f"with positive sizes, got {shape}; for token "
+                      f"sequences use one of {', '.join(TEXT_MODELS)}")
+  if vocab_size is not None:
+    raise ConfigError(f"vocab_size: image model {name!r} takes no "
+                      f"vocabulary, got {vocab_size!r}; for text use one of "
+                      f"{', '.join(TEXT_MODELS)}")
+  return Model(name, int(num_classes), tuple(int(s) for s in shape))
 
 
 def num_params(params) -> int:

@@ -48,6 +48,7 @@ from jaxrep import checkpoint as ckpt_lib
 from jaxrep import hostile as hostile_lib
 from jaxrep import memory as memory_lib
 from jaxrep import sharding as sharding_lib
+from jaxrep import text_attacks as text_attacks_lib
 from jaxrep import data as data_lib
 from jaxrep import detect as detect_lib
 from jaxrep import distances as dist_lib
@@ -59,6 +60,13 @@ from jaxrep.errors import ConfigError, require
 
 METRICS = ("l2", "cosine", "l1", "linf", "output", "cka", "zest")
 PARAM_METRICS = ("l2", "cosine", "l1", "linf")
+AUTO = "auto"
+# What "auto" means for --model / --attack, by the dataset's modality.
+DEFAULT_MODEL = {"image": "mlp", "text": "text_cnn"}
+DEFAULT_ATTACK = {"image": "badnets", "text": "token"}
+ATTACK_FAMILY = {"image": attacks_lib, "text": text_attacks_lib}
+ATTACKS = tuple(dict.fromkeys(attacks_lib.ATTACKS
+                              + text_attacks_lib.ATTACKS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +74,12 @@ class SimConfig:
   """Everything that defines a simulation (the main job's flags)."""
   dataset: str = "digits"
   data_dir: str | None = None
-  model: str = "mlp"
+  max_len: int = 64             # text: tokens per example (truncate / pad)
+  vocab_size: int = 10000       # text: vocabulary size incl. <pad>, <unk>
+  model: str = AUTO             # auto: mlp for images, text_cnn for text
   providers: int = 16
   malicious: int = 8
-  attack: str = "badnets"
+  attack: str = AUTO            # auto: badnets for images, token for text
   poison_rate: float = 0.1
   target_label: int = -1        # -1: each malicious provider picks its own
   trigger_size: int = 2
@@ -78,6 +88,7 @@ class SimConfig:
   scale_factor: float = 2.0
   warp_strength: float = 1.5
   label_flip_source: int = -1   # -1: each provider picks its own
+  trigger_tokens: int = 0       # text: trigger length (0: token 1, phrase 4)
   steps: int = 400
   subrun_steps: int = 20
   replicated: int = 5
@@ -139,9 +150,9 @@ class SimConfig:
       lb, hb = "(" if low_open else "[", ")" if high_open else "]"
       require(ok, name, f"must be a number in {lb}{low}, {high}{hb}, got {v!r}")
 
-    require(self.model in models_lib.MODELS, "model",
+    require(self.model in models_lib.MODELS + (AUTO,), "model",
             f"unknown model {self.model!r}; choose one of "
-            f"{', '.join(models_lib.MODELS)}")
+            f"{', '.join(models_lib.MODELS + (AUTO,))}")
     require(isinstance(self.dataset, str) and self.dataset != "", "dataset",
             "must be a dataset name, e.g. digits, idx, fashion_mnist")
     integer("providers", 2)
@@ -149,9 +160,12 @@ class SimConfig:
     require(self.malicious <= self.providers, "malicious",
             f"{self.malicious} malicious providers but only "
             f"{self.providers} providers")
-    require(self.attack in attacks_lib.ATTACKS, "attack",
+    require(self.attack in ATTACKS + (AUTO,), "attack",
             f"unknown attack {self.attack!r}; choose one of "
-            f"{', '.join(attacks_lib.ATTACKS)}")
+            f"{', '.join(ATTACKS + (AUTO,))}")
+    integer("max_len", 1)
+    integer("vocab_size", 3)
+    integer("trigger_tokens", 0)
     real("poison_rate", 0.0, 1.0)
     integer("target_label", -1)
     integer("trigger_size", 1)
@@ -208,8 +222,66 @@ class SimConfig:
     return self
 
 
-def attack_specs(config: SimConfig, num_classes: int, input_shape):
-  """Per-provider attack specs (None = benign) for the config."""
+def resolve(config: SimConfig, ds: data_lib.Dataset) -> SimConfig:
+  """The config with "auto" model / attack made concrete for the dataset,
+  checked against its modality (an image attack on text is a ConfigError)."""
+  modality = ds.modality
+  model = DEFAULT_MODEL[modality] if config.model == AUTO else config.model
+  attack = DEFAULT_ATTACK[modality] if config.attack == AUTO else config.attack
+  text_model = model in models_lib.TEXT_MODELS
+  require(text_model == (modality == "text"), "model",
+          f"{model} is {'a text' if text_model else 'an image'} model but "
+          f"dataset {ds.name} holds "
+          f"{'text' if modality == 'text' else 'images'}; use one of "
+          f"{', '.join(models_lib.TEXT_MODELS if modality == 'text' else models_lib.IMAGE_MODELS)}")
+  family = ATTACK_FAMILY[modality]
+  require(attack in family.ATTACKS, "attack",
+          f"{attack} is not an attack on {modality} (dataset {ds.name}); use "
+          f"one of {', '.join(family.ATTACKS)}")
+  return dataclasses.replace(config, model=model, attack=attack)
+
+
+def make_behaviour(config: SimConfig, ds: data_lib.Dataset):
+  """The per-provider behaviour of a resolved config on its dataset."""
+  specs = attack_specs(config, ds.num_classes, ds.input_shape,
+                       vocab_size=len(ds.vocab) if ds.vocab else None)
+  if ds.modality == "text":
+    return text_attacks_lib.make_behaviour(specs, ds.input_shape,
+                                           ds.num_classes, len(ds.vocab),
+                                           seed=config.seed)
+  return attacks_lib.make_behaviour(specs, ds.input_shape, ds.num_classes,
+                                    seed=config.seed)
+
+
+def _text_attack_specs(config: SimConfig, num_classes: int, input_shape,
+                       vocab_size: int):
+  """Specs of the text attacks: each malicious provider draws its own
+  trigger tokens (and target unless --target_label is set)."""
+  overrides: dict[str, Any] = {"poison_rate": config.poison_rate}
+  if config.target_label >= 0:
+    overrides["target"] = config.target_label
+  if config.trigger_tokens and config.attack == "token":
+    overrides["count"] = config.trigger_tokens
+  if config.trigger_tokens and config.attack == "phrase":
+    overrides["length"] = config.trigger_tokens
+  if config.attack == "label_flip" and config.label_flip_source >= 0:
+    overrides["source"] = config.label_flip_source
+  specs = text_attacks_lib.population_specs(
+      config.providers, config.malicious, config.attack, own_backdoor=True,
+      num_classes=num_classes, seed=config.seed, **overrides)
+  for spec in specs:
+    if spec is not None:
+      text_attacks_lib.validate_spec(spec, input_shape, num_classes,
+                                     vocab_size)
+  return specs
+
+
+def attack_specs(config: SimConfig, num_classes: int, input_shape,
+                 vocab_size: int | None = None):
+  """Per-provider attack specs (None = benign) for a resolved config;
+  text attacks when `vocab_size` is given."""
+  if vocab_size is not None:
+    return _text_attack_specs(config, num_classes, input_shape, vocab_size)
   overrides: dict[str, Any] = {"poison_rate": config.poison_rate}
   if config.target_label >= 0:
     overrides["target"] = config.target_label
@@ -370,9 +442,9 @@ def _client_asr(model, params, model_state, behaviour, ds, malicious):
     return float("nan"), []
   stack = lambda t: jax.tree_util.tree_map(
       lambda a: jnp.broadcast_to(a, (n, *a.shape)), t)
-  asr = attacks_lib.attack_success_rate(model, stack(params),
-                                        stack(model_state), behaviour,
-                                        ds.x_test, ds.y_test)
+  asr = ATTACK_FAMILY[ds.modality].attack_success_rate(
+      model, stack(params), stack(model_state), behaviour, ds.x_test,
+      ds.y_test)
   per = asr[malicious]
   return float(per.max()), [float(a) for a in per]
 
@@ -442,8 +514,10 @@ def run(config: SimConfig, *, progress: bool = True,
   config.validate()
   t0 = time.perf_counter()
   ds = dataset if dataset is not None else data_lib.load_dataset(
-      config.dataset, config.data_dir,
-      max_train=config.max_train or None)
+      config.dataset, config.data_dir, max_train=config.max_train or None,
+      max_len=config.max_len, vocab_size=config.vocab_size)
+  config = resolve(config, ds)
+  family = ATTACK_FAMILY[ds.modality]
   n, k = config.providers, config.subrun_steps
   train_lib.check_population_args(n, k, config.batch_size, ds.x_train.shape[0])
   if config.target_label >= ds.num_classes:
@@ -451,19 +525,18 @@ def run(config: SimConfig, *, progress: bool = True,
                       f"(or -1), got {config.target_label}")
   hostile = hostile_lib.parse_hostile(config.hostile, n)
   if behaviour is None:
-    specs = attack_specs(config, ds.num_classes, ds.input_shape)
-    behaviour = attacks_lib.make_behaviour(specs, ds.input_shape,
-                                           ds.num_classes, seed=config.seed)
+    behaviour = make_behaviour(config, ds)
   require(behaviour.size == n, "behaviour",
           f"has {behaviour.size} providers, config has {n}")
   malicious = behaviour.malicious
   require(int(malicious.sum()) == config.malicious, "behaviour",
           f"has {int(malicious.sum())} malicious providers, config says "
           f"{config.malicious}")
-  model = models_lib.get_model(config.model, ds.num_classes, ds.input_shape)
+  model = models_lib.get_model(config.model, ds.num_classes, ds.input_shape,
+                               vocab_size=len(ds.vocab) if ds.vocab else None)
   trainer = train_lib.make_trainer(
       model, config.train_config(), config.divergence_config(),
-      hooks if hooks is not None else attacks_lib.make_hooks(behaviour))
+      hooks if hooks is not None else family.make_hooks(behaviour))
   full_behaviour = behaviour
   div = div_lib.make_divergence(config.divergence_config(), n, config.seed)
   x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
@@ -636,8 +709,8 @@ def run(config: SimConfig, *, progress: bool = True,
   behaviour = full_behaviour
   acc = train_lib.evaluate(model, final.params, final.model_state, ds.x_test,
                            ds.y_test)
-  asr = attacks_lib.attack_success_rate(model, final.params, final.model_state,
-                                        behaviour, ds.x_test, ds.y_test)
+  asr = family.attack_success_rate(model, final.params, final.model_state,
+                                   behaviour, ds.x_test, ds.y_test)
   as_tuple = lambda c: (c["params"], c["opt_state"], c["model_state"])
   client_report = _final_model_report(model, as_tuple(st["client"]),
                                       behaviour, ds, malicious)

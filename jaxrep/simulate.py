@@ -31,21 +31,32 @@ _DEFAULT = protocol.SimConfig()
 FLAGS = flags.FLAGS
 
 _HELP = {
-    "dataset": "digits (embedded), idx, fashion_mnist_idx, or a TFDS name",
-    "data_dir": "directory of IDX files or of prepared TFDS data",
-    "model": "mlp, cnn or resnet20",
+    "dataset": "images: digits (embedded), idx, fashion_mnist_idx, or a TFDS "
+               "name; text: fortunes (Debian's fortunes package), "
+               "text_synthetic, or a TFDS text name (imdb_reviews, "
+               "ag_news_subset, ...)",
+    "data_dir": "directory of IDX files, of the fortunes files or of "
+                "prepared TFDS data",
+    "max_len": "text: tokens per example (longer ones are truncated)",
+    "vocab_size": "text: vocabulary size, <pad> and <unk> included",
+    "model": "auto (mlp for images, text_cnn for text), mlp, cnn, resnet20, "
+             "text_cnn or text_transformer",
     "providers": "number of providers n (>= 2)",
     "malicious": "how many of them plant a backdoor",
-    "attack": "badnets, blend, label_flip, scaling or warp",
+    "attack": "auto (badnets for images, token for text); images: badnets, "
+              "blend, label_flip, scaling or warp; text: token (rare-word "
+              "trigger inserted at a random place), phrase (a phrase of "
+              "common words inserted at the start) or label_flip",
     "poison_rate": "share of each batch a malicious provider poisons",
     "target_label": "backdoor target; -1: each malicious provider its own",
-    "trigger_size": "BadNets / scaling patch size in pixels",
+    "trigger_size": "images: BadNets / scaling patch size in pixels",
     "trigger_location": "top_left, top_right, bottom_left, bottom_right, "
                         "center or random (each provider its own)",
     "blend_alpha": "blend attack strength",
     "scale_factor": "model replacement factor of the scaling attack",
     "warp_strength": "warp attack displacement in pixels",
     "label_flip_source": "label_flip source class; -1: each provider its own",
+    "trigger_tokens": "text: trigger length in tokens (0: token 1, phrase 4)",
     "steps": "training steps T of the whole run",
     "subrun_steps": "steps k per sub-run (steps must be a multiple)",
     "replicated": "sub-runs m the client replicates on all providers",
