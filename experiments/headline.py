@@ -10,6 +10,10 @@ about the benign divergence.
 
     python experiments/headline.py --json runs/headline.json --md runs/headline.md
     python experiments/headline.py --datasets=digits --seeds=0 --quick
+    python experiments/headline.py --datasets=fortunes,fortunes_phrase   # text
+
+Settings are named; each names its dataset, model and attack (text:
+Debian's fortunes quotations, 4 topics, with rare-token or phrase triggers).
 
 Paper (Jia et al., SaTML 2025): 99.6 % of the malicious providers identified.
 """
@@ -30,11 +34,18 @@ from jaxrep import detect, metrics, protocol
 from jaxrep.report import versions, write_json_atomic
 
 SETTINGS = {
-    "digits": dict(dataset="digits", model="mlp", steps=400, subrun_steps=20,
-                   replicated=5, trigger_size=2, poison_rate=0.1),
+    "digits": dict(dataset="digits", model="mlp", attack="badnets", steps=400,
+                   subrun_steps=20, replicated=5, trigger_size=2,
+                   poison_rate=0.1),
     "fashion_mnist_idx": dict(dataset="fashion_mnist_idx", model="mlp",
-                              steps=600, subrun_steps=20, replicated=5,
-                              trigger_size=3, poison_rate=0.1),
+                              attack="badnets", steps=600, subrun_steps=20,
+                              replicated=5, trigger_size=3, poison_rate=0.1),
+    "fortunes": dict(dataset="fortunes", model="text_cnn", attack="token",
+                     steps=600, subrun_steps=20, replicated=5,
+                     poison_rate=0.1),
+    "fortunes_phrase": dict(dataset="fortunes", model="text_cnn",
+                            attack="phrase", steps=600, subrun_steps=20,
+                            replicated=5, poison_rate=0.1),
 }
 
 
@@ -61,7 +72,8 @@ def main(argv=None):
   ap.add_argument("--datasets", default="digits,fashion_mnist_idx")
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--providers", type=int, default=16)
-  ap.add_argument("--attack", default="badnets")
+  ap.add_argument("--attack", default=None,
+                  help="override every setting's attack")
   ap.add_argument("--alpha", type=float, default=0.01)
   ap.add_argument("--ks_margin", type=float, default=10.0)
   ap.add_argument("--metrics", default=",".join(protocol.METRICS))
@@ -75,14 +87,18 @@ def main(argv=None):
   runs, pair_rows = [], []
   t_start = time.time()
   for name in args.datasets.split(","):
-    ds = data_lib.load_dataset(name)
+    if name not in SETTINGS:
+      ap.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
+    ds = data_lib.load_dataset(SETTINGS[name]["dataset"])
     for seed in [int(s) for s in args.seeds.split(",")]:
       setting = dict(SETTINGS[name])
+      if args.attack:
+        setting["attack"] = args.attack
       if args.quick:
         setting.update(steps=100, replicated=2)
       cfg = protocol.SimConfig(
           providers=args.providers, malicious=args.providers // 2,
-          attack=args.attack, seed=seed, alpha=args.alpha,
+          seed=seed, alpha=args.alpha,
           ks_margin=args.ks_margin, probe_size=128, **setting)
       t0 = time.time()
       res = protocol.run(cfg, progress=False, dataset=ds,
@@ -90,7 +106,7 @@ def main(argv=None):
       s = res.summary()
       mal = res.malicious
       runs.append(dict(
-          dataset=name, seed=seed, config=dataclasses.asdict(cfg),
+          dataset=name, seed=seed, config=dataclasses.asdict(res.config),
           malicious_asr=[float(a) for a in res.attack_success_rate[mal]],
           benign_asr=[float(a) for a in res.attack_success_rate[~mal]],
           benign_clean_accuracy=s["benign_mean_clean_accuracy"],
@@ -148,8 +164,9 @@ def markdown(table, runs, args) -> str:
     asr = np.concatenate([r["malicious_asr"] for r in rs])
     lines += [
         f"**{name}** ({len(rs)} seeds, {args.providers} providers, "
-        f"{args.providers // 2} malicious with their own {args.attack} "
-        f"backdoors): malicious ASR min {asr.min():.3f} / median "
+        f"{args.providers // 2} malicious with their own "
+        f"{rs[0]['config']['attack']} backdoors, "
+        f"{rs[0]['config']['model']}): malicious ASR min {asr.min():.3f} / median "
         f"{np.median(asr):.3f} ({(asr >= 0.9).mean() * 100:.0f} % >= 0.9); "
         f"benign ASR max {max(max(r['benign_asr']) for r in rs):.3f}; clean "
         f"acc benign {np.mean([r['benign_clean_accuracy'] for r in rs]):.3f} / "
