@@ -103,3 +103,21 @@ def test_main_job_on_text_writes_the_same_results_json(tmp_path):
       "flag_reason", "score", "clean_accuracy", "attack_success_rate"}
   for png in ["distance_matrix.png", "distance_histogram.png", "roc.png"]:
     assert (out / png).stat().st_size > 1000, png
+
+
+def test_text_run_split_over_devices_matches(corpus, text_run):
+  """The same run with the providers split over 2 devices: same flags, the
+  same distances to float32 rounding for every metric kind (benign-benign
+  entries are themselves rounding differences and are not compared)."""
+  split = protocol.run(protocol.SimConfig(**SMALL, attack="phrase",
+                                          devices=2),
+                       progress=False, dataset=corpus,
+                       record_metrics=OTHER_METRICS)
+  np.testing.assert_array_equal(split.flags, text_run.flags)
+  mal = text_run.malicious
+  far = mal[:, None] | mal[None, :]
+  for metric in ("l2",) + OTHER_METRICS:
+    mine = text_run.matrices if metric == "l2" else text_run.recorded[metric]
+    theirs = split.matrices if metric == "l2" else split.recorded[metric]
+    for a, b in zip(mine, theirs):
+      np.testing.assert_allclose(b[far], a[far], rtol=1e-4, err_msg=metric)
