@@ -1,6 +1,7 @@
 """jaxrep: a JAX simulator of Replicate-Training-To-Detect (RTTD).
 
-n simulated cloud providers train the same k-step sub-run of a model in one
+n simulated cloud providers train the same k-step sub-run of a model (image
+or text classification) in one
 vmapped, jit-compiled computation; pairwise distance kernels and detectors then
 flag the providers that planted a backdoor.
 
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 from jaxrep.errors import ConfigError
 from jaxrep.data import Dataset, batch_schedule, load_dataset
 from jaxrep.divergence import Divergence, DivergenceConfig, make_divergence
-from jaxrep.models import MODELS, Model, get_model, num_params
+from jaxrep.models import (IMAGE_MODELS, MODELS, TEXT_MODELS, Model,
+                           get_model, num_params)
 from jaxrep.train import (Hooks, Population, TrainConfig, Trainer, evaluate,
                           flatten_population, make_optimizer, make_trainer,
                           provider_keys)
@@ -28,4 +30,5 @@ from jaxrep.distances import (cka_distances, output_distances,
 from jaxrep.detect import DETECTORS, Evidence, Verdict
 from jaxrep.metrics import auroc, fpr, roc_curve, tpr
 from jaxrep.protocol import METRICS, SimConfig, SimResult, replay, run
-from jaxrep import adaptive, distributed, memory, sharding
+from jaxrep.text_attacks import PhraseTrigger, TextBehaviour, TokenTrigger
+from jaxrep import adaptive, distributed, memory, sharding, text_data

@@ -65,13 +65,14 @@ def _unknown_name_message(name: str) -> str:
           "image-classification builder (optionally 'name/config')")
 
 
-def _builder(name: str, data_dir: str | None):
-  """The TFDS builder for `name` reading from `data_dir`."""
+def _builder(name: str, data_dir: str | None, unknown=_unknown_name_message):
+  """The TFDS builder for `name` reading from `data_dir`; an unknown name
+  raises ConfigError with `unknown(name)`."""
   tfds = _tfds()
   try:
     return tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # TFDS raises a variety of errors for bad names.
-    raise ConfigError(f"{_unknown_name_message(name)} (TFDS: "
+    raise ConfigError(f"{unknown(name)} (TFDS: "
                       f"{str(e).splitlines()[0]})") from e
 
 
@@ -315,12 +316,7 @@ def _text_unknown_message(name: str) -> str:
 
 def _any_builder(name: str, data_dir: str | None):
   """The TFDS builder for `name`; the error lists image and text names."""
-  tfds = _tfds()
-  try:
-    return tfds.builder(name, data_dir=data_dir)
-  except Exception as e:  # TFDS raises a variety of errors for bad names.
-    raise ConfigError(f"{_text_unknown_message(name)} (TFDS: "
-                      f"{str(e).splitlines()[0]})") from e
+  return _builder(name, data_dir, _text_unknown_message)
 
 
 def _is_text_builder(builder) -> bool:
