@@ -13,7 +13,7 @@ from jaxrep import protocol
 from jaxrep.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = dict(dataset="text_synthetic", providers=6, malicious=2, steps=120,
+SMALL = dict(dataset="text_synthetic", providers=6, malicious=2, steps=80,
              subrun_steps=20, replicated=2, poison_rate=0.2, seed=1,
              max_len=48, attack_check=False)
 
