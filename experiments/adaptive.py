@@ -1,6 +1,6 @@
 r"""Adaptive adversaries against RTTD: evasion and sensitivity studies.
 
-Evasion (`--study evasion`): for each adaptive attack of `jaxrep.adaptive`
+Evasion (`--study evasion`): for each adaptive attack of `jaxrep.population.adaptive`
 over its knob, one protocol run per seed on digits (16 providers, MLP, 400
 steps, k = 20, m = 5; 4 adaptive attackers with their own BadNets backdoors,
 or round(share x 16) colluders sharing one). Reported per knob value:
@@ -38,8 +38,12 @@ import time
 
 import numpy as np
 
-from jaxrep import adaptive, data as data_lib, detect, metrics, protocol
-from jaxrep.report import versions, write_json_atomic
+from jaxrep.population import adaptive
+from jaxrep.data import datasets as data_lib
+from jaxrep.detect import detectors as detect
+from jaxrep.detect import metrics
+from jaxrep.protocol import loop as protocol
+from jaxrep.report.outputs import versions, write_json_atomic
 
 KNOBS = {
     "low_rate": [1 / 32, 2 / 32, 4 / 32, 8 / 32],

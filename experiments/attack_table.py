@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrep import attacks as A
-from jaxrep import data as data_lib
-from jaxrep import divergence as div_lib
-from jaxrep import models, train
-from jaxrep.report import versions, write_json_atomic
+from jaxrep.population import image_attacks as A
+from jaxrep.data import datasets as data_lib
+from jaxrep.population import divergence as div_lib
+from jaxrep.models import zoo as models
+from jaxrep.train import trainer as train
+from jaxrep.report.outputs import versions, write_json_atomic
 
 
 def attack_suite(trigger_size: int, scale_factor: float = 2.0,

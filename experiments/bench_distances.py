@@ -1,4 +1,4 @@
-"""Benchmark of the pairwise distance kernels in jaxrep.distances.
+"""Benchmark of the pairwise distance kernels in jaxrep.distances.kernels.
 
 Run (default grid, about 5-10 minutes on a 2-core CPU):
 
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import distance as sd
 
-from jaxrep import distances
+from jaxrep.distances import kernels as distances
 
 SCIPY = {"l2": "euclidean", "cosine": "cosine", "l1": "cityblock",
          "linf": "chebyshev"}

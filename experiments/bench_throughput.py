@@ -54,10 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
-from jaxrep import data as data_lib
-from jaxrep import divergence as div_lib
-from jaxrep import models
-from jaxrep import train
+from jaxrep.data import datasets as data_lib
+from jaxrep.population import divergence as div_lib
+from jaxrep.models import zoo as models
+from jaxrep.train import trainer as train
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 DATASET_OF = {"mlp": "digits", "cnn": "fashion-mnist"}

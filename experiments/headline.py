@@ -29,9 +29,11 @@ import time
 
 import numpy as np
 
-from jaxrep import data as data_lib
-from jaxrep import detect, metrics, protocol
-from jaxrep.report import versions, write_json_atomic
+from jaxrep.data import datasets as data_lib
+from jaxrep.detect import detectors as detect
+from jaxrep.detect import metrics
+from jaxrep.protocol import loop as protocol
+from jaxrep.report.outputs import versions, write_json_atomic
 
 SETTINGS = {
     "digits": dict(dataset="digits", model="mlp", attack="badnets", steps=400,

@@ -14,10 +14,10 @@ it measures, on the digits MLP (batch 32, k steps, half the providers
 planting BadNets backdoors):
 
 * provider-steps per second of the sharded sub-run (n * k / time);
-* the ring distance kernel's time (L2, `jaxrep.sharding.pairwise_distances`);
+* the ring distance kernel's time (L2, `jaxrep.runtime.sharding.pairwise_distances`);
 * replicated sub-runs verified per second, end to end: sub-run + L2
   distances + KS detector on the host, one after the other;
-* peak memory: the estimate of `jaxrep.memory` (per device, all of it) and the
+* peak memory: the estimate of `jaxrep.runtime.memory` (per device, all of it) and the
   measurement: the device's peak_bytes_in_use where the backend exposes it
   (GPU / TPU), else the process's max RSS (`resource.getrusage`, which on
   CPU includes the Python process and every compiled program).
@@ -96,11 +96,15 @@ def worker(args) -> list[dict]:
   import jax.numpy as jnp
   import numpy as np
 
-  from jaxrep import attacks as A
-  from jaxrep import data as data_lib
-  from jaxrep import detect as detect_lib
-  from jaxrep import divergence as div_lib
-  from jaxrep import distances, memory, models, sharding, train
+  from jaxrep.population import image_attacks as A
+  from jaxrep.data import datasets as data_lib
+  from jaxrep.detect import detectors as detect_lib
+  from jaxrep.population import divergence as div_lib
+  from jaxrep.distances import kernels as distances
+  from jaxrep.runtime import memory
+  from jaxrep.models import zoo as models
+  from jaxrep.runtime import sharding
+  from jaxrep.train import trainer as train
 
   d = args.devices
   mesh = sharding.make_mesh(d)

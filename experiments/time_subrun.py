@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrep import attacks, models, train, text_attacks
-from jaxrep import data as data_lib
-from jaxrep import divergence as div_lib
+from jaxrep.population import image_attacks as attacks
+from jaxrep.models import zoo as models
+from jaxrep.train import trainer as train
+from jaxrep.population import text_attacks
+from jaxrep.data import datasets as data_lib
+from jaxrep.population import divergence as div_lib
 
 
 def setup(name: str, n: int, attackers: bool):

@@ -14,21 +14,25 @@ Data flows one way:
 
 __version__ = "0.1.0"
 
-from jaxrep.errors import ConfigError
-from jaxrep.data import Dataset, batch_schedule, load_dataset
-from jaxrep.divergence import Divergence, DivergenceConfig, make_divergence
-from jaxrep.models import (IMAGE_MODELS, MODELS, TEXT_MODELS, Model,
+from jaxrep.core.errors import ConfigError
+from jaxrep.data.datasets import Dataset, batch_schedule, load_dataset
+from jaxrep.population.divergence import Divergence, DivergenceConfig, make_divergence
+from jaxrep.models.zoo import (IMAGE_MODELS, MODELS, TEXT_MODELS, Model,
                            get_model, num_params)
-from jaxrep.train import (Hooks, Population, TrainConfig, Trainer, evaluate,
+from jaxrep.train.trainer import (Hooks, Population, TrainConfig, Trainer, evaluate,
                           flatten_population, make_optimizer, make_trainer,
                           provider_keys)
-from jaxrep.attacks import (ATTACKS, BadNets, Behaviour, Blend, LabelFlip,
+from jaxrep.population.image_attacks import (ATTACKS, BadNets, Behaviour, Blend, LabelFlip,
                             Scaling, Warp, attack_success_rate, make_behaviour,
                             make_hooks, population_specs)
-from jaxrep.distances import (cka_distances, output_distances,
+from jaxrep.distances.kernels import (cka_distances, output_distances,
                               pairwise_distances, updates, zest_distances)
-from jaxrep.detect import DETECTORS, Evidence, Verdict
-from jaxrep.metrics import auroc, fpr, roc_curve, tpr
-from jaxrep.protocol import METRICS, SimConfig, SimResult, replay, run
-from jaxrep.text_attacks import PhraseTrigger, TextBehaviour, TokenTrigger
-from jaxrep import adaptive, distributed, memory, sharding, text_data
+from jaxrep.detect.detectors import DETECTORS, Evidence, Verdict
+from jaxrep.detect.metrics import auroc, fpr, roc_curve, tpr
+from jaxrep.protocol.loop import METRICS, SimConfig, SimResult, replay, run
+from jaxrep.population.text_attacks import PhraseTrigger, TextBehaviour, TokenTrigger
+from jaxrep.population import adaptive
+from jaxrep.runtime import distributed
+from jaxrep.runtime import memory
+from jaxrep.runtime import sharding
+from jaxrep.data import text as text_data

@@ -7,7 +7,7 @@ r"""The main job: simulate RTTD end to end.
 Multi-host (e.g. a TPU slice, or two CPU hosts): start the same command on
 every host with --coordinator_address=host0:port --num_processes=P
 --process_id=i (or the JAXREP_* environment variables of
-`jaxrep.distributed`) and --devices=0; the providers are split over the
+`jaxrep.runtime.distributed`) and --devices=0; the providers are split over the
 devices of all hosts and process 0 writes the outputs.
 
 Writes <out>/results.json (config, per-provider flags, scores, clean accuracy
@@ -24,8 +24,8 @@ import sys
 
 from absl import app, flags, logging
 
-from jaxrep import protocol
-from jaxrep.errors import ConfigError
+from jaxrep.protocol import loop as protocol
+from jaxrep.core.errors import ConfigError
 
 _DEFAULT = protocol.SimConfig()
 FLAGS = flags.FLAGS
@@ -146,7 +146,8 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  from jaxrep import distributed, report
+  from jaxrep.runtime import distributed
+  from jaxrep.report import outputs as report
   try:
     config = config_from_flags().validate()
     multi = distributed.initialize(FLAGS.coordinator_address,

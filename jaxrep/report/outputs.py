@@ -1,0 +1,227 @@
+"""Writing a simulation's results: results.json, plots, a summary table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import tempfile
+
+import numpy as np
+
+from jaxrep.detect import metrics as metrics_lib
+
+
+def versions() -> dict:
+  """Versions of the stack, so a run can be reproduced."""
+  import flax
+  import jax
+  import jaxlib
+  import optax
+  import jaxrep
+  return {"jaxrep": jaxrep.__version__, "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+          "optax": optax.__version__, "python": platform.python_version(),
+          "device_kind": jax.devices()[0].device_kind,
+          "platform": jax.default_backend(),
+          "device_count": jax.device_count()}
+
+
+def _clean(obj):
+  """JSON-safe copy: numpy scalars to Python, non-finite floats to None."""
+  if isinstance(obj, dict):
+    return {str(k): _clean(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_clean(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return _clean(obj.tolist())
+  if isinstance(obj, (np.bool_,)):
+    return bool(obj)
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    v = float(obj)
+    return v if math.isfinite(v) else None
+  return obj
+
+
+def results_dict(result) -> dict:
+  return _clean({
+      "config": dataclasses.asdict(result.config),
+      "providers": result.providers(),
+      "summary": result.summary(),
+      "client": {"with_defense": result.client,
+                 "no_defense": result.no_defense},
+      "notes": result.notes,
+      "memory": result.memory,
+      "versions": versions(),
+  })
+
+
+def write_json_atomic(path: str, obj) -> None:
+  """Writes JSON to a temporary file in the same directory, then renames it.
+
+  A crash never leaves a partial file under `path`.
+  """
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
+                             suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w") as f:
+      json.dump(obj, f, indent=2, allow_nan=False)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def mean_matrix(result) -> np.ndarray:
+  """Mean over the replicated sub-runs of the distance matrix (all n)."""
+  mats = [np.where(np.isfinite(m), m, np.nan) for m in result.matrices]
+  return np.nanmean(np.stack(mats), axis=0) if mats else np.zeros((0, 0))
+
+
+def pair_distances(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Pooled benign-benign, benign-malicious, malicious-malicious distances."""
+  mal = result.malicious
+  bb, bm, mm = [], [], []
+  for d in result.matrices:
+    i, j = np.triu_indices(d.shape[0], 1)
+    v = d[i, j]
+    kind = mal[i].astype(int) + mal[j].astype(int)
+    bb.append(v[kind == 0])
+    bm.append(v[kind == 1])
+    mm.append(v[kind == 2])
+  cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0)
+  return cat(bb), cat(bm), cat(mm)
+
+
+def write_plots(result, out_dir: str) -> list[str]:
+  """Heatmap, distance histograms and ROC curve as PNGs; returns the paths."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  cfg = result.config
+  mal = result.malicious
+  paths = []
+
+  d = mean_matrix(result)
+  if d.size:
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    shown = np.log10(np.where(d > 0, d, np.nan))
+    im = ax.imshow(shown, cmap="viridis", interpolation="nearest")
+    fig.colorbar(im, ax=ax, label=f"log10 {cfg.metric} distance")
+    ticks = np.arange(len(mal))
+    flagged = result.flags
+    if len(mal) <= 32:
+      # Red labels: malicious; "F": flagged by the detector.
+      ax.set_xticks(ticks)
+      ax.set_yticks(ticks)
+      ax.set_xticklabels([str(i) for i in ticks], fontsize=7)
+      ax.set_yticklabels([f"{'F ' if f else ''}{i}" for i, f in
+                          zip(ticks, flagged)], fontsize=7)
+      for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for label, m in zip(labels, mal):
+          label.set_color("red" if m else "black")
+    else:
+      # A red rug left of the matrix marks malicious rows, a black one further
+      # left the flagged rows.
+      kw = dict(clip_on=False, marker="s", s=max(1.0, 2000 / len(mal) ** 1.5))
+      n = len(mal)
+      ax.scatter(np.full(mal.sum(), -0.02 * n), np.flatnonzero(mal),
+                 color="red", **kw)
+      ax.scatter(np.full(flagged.sum(), -0.05 * n), np.flatnonzero(flagged),
+                 color="black", **kw)
+      ax.set_xlim(-0.5, n - 0.5)
+      ax.set_ylim(n - 0.5, -0.5)
+      ax.tick_params(axis="y", pad=14)
+    ax.set_title(f"{cfg.metric} distance, mean over {len(result.matrices)} "
+                 "replicated sub-runs\n(red: malicious; F / black: flagged, "
+                 f"{int(result.flags.sum())} of {len(mal)})", fontsize=9)
+    ax.set_xlabel("provider")
+    ax.set_ylabel("provider", labelpad=14)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "distance_matrix.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+  bb, bm, mm = pair_distances(result)
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  finite = [v[np.isfinite(v) & (v > 0)] for v in (bb, bm, mm)]
+  allv = np.concatenate(finite) if any(v.size for v in finite) else np.ones(1)
+  bins = np.logspace(np.log10(allv.min()), np.log10(allv.max()) + 1e-9, 50)
+  for v, label, color in zip(finite, ("benign-benign", "benign-malicious",
+                                      "malicious-malicious"),
+                             ("tab:blue", "tab:red", "tab:orange")):
+    if v.size:
+      ax.hist(v, bins=bins, alpha=0.6, label=f"{label} ({v.size})",
+              color=color)
+  ax.set_xscale("log")
+  ax.set_xlabel(f"{cfg.metric} distance (log scale)")
+  ax.set_ylabel("pairs, pooled over replicated sub-runs")
+  ax.legend(fontsize=8)
+  ax.set_title("Who is far from whom", fontsize=10)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "distance_histogram.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+
+  fig, ax = plt.subplots(figsize=(4.8, 4.6))
+  if mal.any() and (~mal).any():
+    fpr, tpr = metrics_lib.roc_curve(result.scores, mal)
+    auc = metrics_lib.auroc(result.scores, mal)
+    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUROC {auc:.3f}")
+  else:
+    ax.text(0.5, 0.5, "ROC undefined:\nneed benign and malicious providers",
+            ha="center", va="center")
+  ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+  ax.set_xlabel("false positive rate")
+  ax.set_ylabel("true positive rate")
+  ax.set_title(f"{cfg.detector} scores on {cfg.metric}", fontsize=10)
+  ax.legend(loc="lower right", fontsize=8)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "roc.png"))
+  fig.savefig(paths[-1], dpi=110)
+  plt.close(fig)
+  return paths
+
+
+def _fmt(v, pct=False):
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return "n/a"
+  return f"{100 * v:.1f} %" if pct else f"{v}"
+
+
+def summary_table(result) -> str:
+  """A short human-readable summary."""
+  s = result.summary()
+  cfg = result.config
+  lines = [
+      f"jaxrep: {cfg.providers} providers ({cfg.malicious} malicious, "
+      f"{cfg.attack}), {cfg.dataset}/{cfg.model}, {cfg.steps} steps in "
+      f"sub-runs of {cfg.subrun_steps}, {cfg.replicated} replicated, "
+      f"{cfg.metric} + {cfg.detector} (alpha {cfg.alpha})",
+      "",
+      f"  detection     TPR {_fmt(s['tpr'], True):>8}   FPR "
+      f"{_fmt(s['fpr'], True):>8}   AUROC {_fmt(round(s['auroc'], 4) if s['auroc'] == s['auroc'] else None)}",
+      f"  providers     benign clean acc {_fmt(s['benign_mean_clean_accuracy'], True)}"
+      f"   malicious clean acc {_fmt(s['malicious_mean_clean_accuracy'], True)}"
+      f"   malicious ASR {_fmt(s['malicious_mean_attack_success_rate'], True)}",
+      f"  client model  with RTTD: clean acc {_fmt(s['final_clean_accuracy'], True)}, "
+      f"ASR {_fmt(s['final_attack_success_rate'], True)}"
+      f"   |   no defense: clean acc {_fmt(s['no_defense_clean_accuracy'], True)}, "
+      f"ASR {_fmt(s['no_defense_attack_success_rate'], True)}",
+      f"  cost          {s['overhead_steps']} extra training steps "
+      f"(m*k*(n-1)) on top of {s['training_steps']}; wall "
+      f"{s['wall_seconds']:.1f} s",
+  ]
+  for note in result.notes:
+    lines.append(f"  note: {note}")
+  return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""Replicated training: one jit-compiled, vmapped k-step sub-run for n providers.
+
+In the style of optax/evosax: `make_trainer(...)` returns a `Trainer` of pure
+functions over a `Population` (params, optimizer state, model state, each with a
+leading provider axis):
+
+    trainer = make_trainer(model, TrainConfig(...))
+    pop = trainer.init(key, n)                       # n copies of one checkpoint
+    pop, losses = trainer.sub_run(pop, data, schedule, keys, divergence, behaviour)
+
+`sub_run` is `lax.scan` over the k steps of a `vmap` over providers. The batch of
+step t is `x_train[schedule[t]]`, gathered once and shared by every provider;
+each provider then applies its benign divergence (see `jaxrep.population.divergence`) and,
+if malicious, its behaviour (see `Hooks`). Benign is the zero behaviour, so a
+mixed population is ONE computation, compiled once per shape and reused for
+every sub-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrep.population import divergence as div_lib
+from jaxrep.core.errors import ConfigError, require
+from jaxrep.models.zoo import Model
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Hyper-parameters the client sends to every provider.
+
+  Attributes:
+    optimizer: "sgd" (with momentum) or "adam".
+    learning_rate: peak learning rate (finite, > 0).
+    momentum: SGD momentum in [0, 1).
+    weight_decay: decoupled L2 weight decay (>= 0).
+    schedule: learning-rate schedule over `total_steps` (global step count).
+    total_steps: length of the whole training run, for the schedule.
+    batch_size: examples per step.
+  """
+  optimizer: str = "sgd"
+  learning_rate: float = 0.05
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  schedule: str = "constant"
+  total_steps: int = 1000
+  batch_size: int = 32
+
+  def validate(self) -> "TrainConfig":
+    require(self.optimizer in OPTIMIZERS, "optimizer",
+            f"unknown optimizer {self.optimizer!r}; choose one of "
+            f"{', '.join(OPTIMIZERS)}")
+    require(self.schedule in SCHEDULES, "schedule",
+            f"unknown schedule {self.schedule!r}; choose one of "
+            f"{', '.join(SCHEDULES)}")
+    lr = self.learning_rate
+    require(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0,
+            "learning_rate", f"must be a finite number > 0, got {lr!r}")
+    require(math.isfinite(self.momentum) and 0 <= self.momentum < 1,
+            "momentum", f"must be in [0, 1), got {self.momentum!r}")
+    require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            "weight_decay", f"must be finite and >= 0, got {self.weight_decay!r}")
+    require(int(self.total_steps) == self.total_steps and self.total_steps >= 1,
+            "total_steps", f"must be an integer >= 1, got {self.total_steps!r}")
+    require(int(self.batch_size) == self.batch_size and self.batch_size >= 1,
+            "batch_size", f"must be an integer >= 1, got {self.batch_size!r}")
+    return self
+
+
+def make_schedule(config: TrainConfig) -> optax.Schedule:
+  lr, total = config.learning_rate, config.total_steps
+  if config.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if config.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, total)
+  if config.schedule == "warmup_cosine":
+    warmup = max(1, total // 20)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1))
+  # "step": divide by 10 at 50 % and 75 % of training.
+  return optax.piecewise_constant_schedule(
+      lr, {int(total * 0.5): 0.1, int(total * 0.75): 0.1})
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  """The optax optimizer for `config` (the schedule follows the global step)."""
+  config.validate()
+  schedule = make_schedule(config)
+  if config.optimizer == "sgd":
+    tx = optax.sgd(schedule, momentum=config.momentum or None)
+  else:
+    tx = optax.adam(schedule)
+  if config.weight_decay:
+    tx = optax.chain(optax.add_decayed_weights(config.weight_decay), tx)
+  return tx
+
+
+class Population(NamedTuple):
+  """State of n providers; every leaf has a leading provider axis."""
+  params: Any
+  opt_state: Any
+  model_state: Any
+
+  @property
+  def size(self) -> int:
+    return int(jax.tree_util.tree_leaves(self.params)[0].shape[0])
+
+
+class Hooks(NamedTuple):
+  """How a provider's behaviour enters the step (all pure, per provider).
+
+  poison_batch(behaviour, key, x, y) -> (x, y): what the provider trains on.
+  transform_update(behaviour, key, update) -> update: changes the optimizer
+    update of every step.
+  finalize(behaviour, start_params, end_params) -> params: what the provider
+    returns at the end of the sub-run (e.g. model replacement scales the
+    sub-run's update).
+  All receive ONE provider's behaviour (vmapped); benign behaviour must leave
+  their inputs unchanged.
+
+  Clean twins (optional, for adaptive attackers that need their own honest
+  result, see `jaxrep.population.adaptive`): with `twin_size` = c > 0, `sub_run` also
+  trains a clean twin of the (at most c) providers with `needs_twin(behaviour)`
+  true: same start, batches, keys and divergence, but no poisoning and no
+  update transform, i.e. bitwise the model that provider would return if it
+  were honest. Then, for those providers only,
+  finalize_twin(behaviour, key, start, end, clean_end) -> params replaces the
+  returned model. The twins are a cohort of static size c, so only they pay
+  the extra compute (c / n of a sub-run). twin_size 0 (default) compiles none
+  of this in.
+  """
+  poison_batch: Callable = lambda behaviour, key, x, y: (x, y)
+  transform_update: Callable = lambda behaviour, key, update: update
+  finalize: Callable = lambda behaviour, start, end: end
+  twin_size: int = 0
+  needs_twin: Callable = lambda behaviour: jnp.zeros(
+      jax.tree_util.tree_leaves(behaviour)[0].shape[:1], bool)
+  finalize_twin: Callable = lambda behaviour, key, start, end, clean_end: end
+
+
+class Trainer(NamedTuple):
+  """Pure functions of a replicated trainer (see module docstring)."""
+  model: Model
+  optimizer: optax.GradientTransformation
+  init: Callable[..., Population]
+  replicate: Callable[..., Population]
+  sub_run: Callable[..., tuple[Population, jax.Array]]
+  single_step: Callable
+
+
+def _stack(tree, n):
+  return jax.tree_util.tree_map(
+      lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
+
+
+def provider_keys(key, n: int) -> jax.Array:
+  """Per-provider keys; provider i's key does not depend on n."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+
+
+def make_trainer(model: Model, config: TrainConfig,
+                 divergence: div_lib.DivergenceConfig = div_lib.DivergenceConfig(),
+                 hooks: Hooks = Hooks()) -> Trainer:
+  """Builds the replicated trainer.
+
+  The divergence *config* decides which divergence mechanisms are compiled in
+  (a mechanism nobody uses costs nothing); the per-provider `Divergence` arrays
+  passed to `sub_run` decide who uses them.
+  """
+  config.validate()
+  divergence.validate()
+  tx = make_optimizer(config)
+  use_permute = bool(divergence.permute)
+  use_noise = divergence.grad_noise > 0
+  use_bf16 = divergence.bf16_fraction > 0
+
+  def replicate(params, model_state, n: int, opt_state=None) -> Population:
+    """n copies of one checkpoint (the client hands the same one to all)."""
+    if n < 1:
+      raise ConfigError(f"providers: must be >= 1, got {n}")
+    if opt_state is None:
+      opt_state = tx.init(params)
+    return Population(_stack(params, n), _stack(opt_state, n),
+                      _stack(model_state, n))
+
+  def init(key, n: int) -> Population:
+    params, model_state = model.init(key)
+    return replicate(params, model_state, n)
+
+  def loss_fn(params, model_state, x, y, bf16):
+    (logits, _), new_state = model.apply(params, model_state, x, train=True,
+                                         bf16=bf16 if use_bf16 else None)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, new_state
+
+  def single_step(params, opt_state, model_state, x, y, key, div, behaviour,
+                  clean: bool = False):
+    """One training step of ONE provider (vmapped by sub_run).
+
+    clean=True (static) skips the behaviour: the provider's honest step.
+    """
+    k_attack, k_perm, k_noise, k_update = jax.random.split(key, 4)
+    if not clean:
+      x, y = hooks.poison_batch(behaviour, k_attack, x, y)
+    if use_permute:
+      x, y = div_lib.permute_batch(k_perm, div.permute, x, y)
+    (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, model_state, x, y, div.bf16)
+    if use_noise:
+      grads = div_lib.perturb_grads(k_noise, div.grad_noise, grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if not clean:
+      updates = hooks.transform_update(behaviour, k_update, updates)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, model_state, loss
+
+  vstep = jax.vmap(single_step, in_axes=(0, 0, 0, None, None, 0, 0, 0))
+  vstep_clean = jax.vmap(functools.partial(single_step, clean=True),
+                         in_axes=(0, 0, 0, None, None, 0, 0, 0))
+
+  def scan_steps(step, state, x_train, y_train, schedule, keys, div,
+                 behaviour):
+    """k steps of `step` over a (params, opt_state, model_state) tuple."""
+    def body(carry, inputs):
+      params, opt_state, model_state = carry
+      t, idx = inputs
+      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+      params, opt_state, model_state, loss = step(
+          params, opt_state, model_state, x_train[idx], y_train[idx],
+          step_keys, div, behaviour)
+      return (params, opt_state, model_state), loss
+    return jax.lax.scan(body, state, (jnp.arange(schedule.shape[0]), schedule))
+
+  def twin_finalize(pop, end, x_train, y_train, schedule, keys, div,
+                    behaviour):
+    """Trains the cohort's clean twins; applies finalize_twin to their params.
+
+    The cohort's optimizer and model state are the twins' (honest) ones, so
+    the only deviation a twin provider returns is in its parameters.
+    """
+    n = pop.size
+    c = min(int(hooks.twin_size), n)
+    idx = jnp.nonzero(hooks.needs_twin(behaviour), size=c, fill_value=n)[0]
+    valid = idx < n
+    safe = jnp.minimum(idx, n - 1)
+    take = lambda t: jax.tree_util.tree_map(lambda a: a[safe], t)
+    (clean_end, clean_opt, clean_state), _ = scan_steps(
+        vstep_clean, tuple(take(tuple(pop))), x_train, y_train, schedule,
+        take(keys), take(div), take(behaviour))
+    final = jax.vmap(hooks.finalize_twin)(take(behaviour), take(keys),
+                                          take(pop.params), take(end.params),
+                                          clean_end)
+    # Fill slots (idx == n) are dropped by the out-of-bounds scatter.
+    put = lambda tree, new: jax.tree_util.tree_map(
+        lambda a, f: a.at[jnp.where(valid, idx, n)].set(f, mode="drop"),
+        tree, new)
+    return Population(put(end.params, final), put(end.opt_state, clean_opt),
+                      put(end.model_state, clean_state))
+
+  @jax.jit
+  def sub_run(pop: Population, x_train, y_train, schedule, keys, div,
+              behaviour):
+    """Runs k = schedule.shape[0] steps for every provider.
+
+    Args:
+      pop: population state, leading axis n.
+      x_train, y_train: the whole training set (on device).
+      schedule: int32 [k, batch] example indices, shared by all providers.
+      keys: [n] PRNG keys, one per provider, for this sub-run.
+      div: `Divergence` with [n] fields.
+      behaviour: per-provider behaviour pytree (leading axis n) for `hooks`.
+
+    Returns:
+      (new population, losses [k, n]).
+    """
+    (params, opt_state, model_state), losses = scan_steps(
+        vstep, tuple(pop), x_train, y_train, schedule, keys, div, behaviour)
+    params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
+    end = Population(params, opt_state, model_state)
+    if hooks.twin_size > 0:
+      end = twin_finalize(pop, end, x_train, y_train, schedule, keys, div,
+                          behaviour)
+    return end, losses
+
+  return Trainer(model, tx, init, replicate, sub_run, single_step)
+
+
+def check_population_args(providers: int, steps: int, batch_size: int,
+                          num_examples: int) -> None:
+  """Validates the sizes of a replicated sub-run with clear errors."""
+  require(int(providers) == providers and providers >= 2, "providers",
+          f"need at least 2 providers to compare, got {providers!r}")
+  require(int(steps) == steps and steps >= 1, "subrun_steps",
+          f"k must be an integer >= 1, got {steps!r}")
+  require(batch_size <= num_examples, "batch_size",
+          f"{batch_size} is larger than the dataset ({num_examples} examples)")
+
+
+def flatten_population(tree) -> jax.Array:
+  """[n, P] matrix of a population pytree (small models / tests only)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  n = leaves[0].shape[0]
+  return jnp.concatenate([l.reshape(n, -1) for l in leaves], axis=1)
+
+
+def evaluate(model: Model, params, model_state, x, y, *,
+             batch_size: int = 1000) -> np.ndarray:
+  """Clean accuracy of every provider's model: float array [n].
+
+  The test set is streamed in batches of `batch_size`; each batch is one
+  vmapped, jitted forward pass over all providers.
+  """
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  correct = 0
+  for start in range(0, x.shape[0], batch_size):
+    correct = correct + _count_correct(model, params, model_state,
+                                       x[start:start + batch_size],
+                                       y[start:start + batch_size])
+  return np.asarray(correct) / x.shape[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _count_correct(model, params, model_state, x, y):
+  def one(p, s):
+    logits, _ = model.predict(p, s, x)
+    return jnp.sum(jnp.argmax(logits, -1) == y)
+  return jax.vmap(one)(params, model_state)

@@ -1,0 +1,157 @@
+"""Tests of the detectors and detection metrics."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from jaxrep.detect import detectors as detect
+from jaxrep.detect import metrics
+from jaxrep.core.errors import ConfigError
+
+
+def _rttd_matrix(n, malicious, rng, benign_scale=1e-6):
+  """Benign providers near one point, each malicious one somewhere else."""
+  dim = 50
+  base = rng.normal(size=dim)
+  x = base + benign_scale * rng.normal(size=(n, dim))
+  x[:malicious] += rng.normal(size=(malicious, dim))
+  d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+  return d, x
+
+
+def test_ks_statistic_matches_scipy_on_the_documented_samples():
+  rng = np.random.default_rng(0)
+  n = 9
+  ev = detect.Evidence()
+  mats = []
+  for _ in range(3):
+    d, _ = _rttd_matrix(n, 3, rng, benign_scale=0.3)
+    mem = np.ones(n, bool)
+    mem[7] = len(mats) != 1   # provider 7 misses one sub-run
+    ev.add(d, mem)
+    mats.append((d, mem))
+  for margin in (1.0, 3.0):
+    _check_against_scipy(ev, mats, n, margin)
+
+
+def _check_against_scipy(ev, mats, n, margin):
+  stat, na, nb, _ = detect.ks_statistics(ev, n, margin)
+  for i in range(n):
+    a, b = [], []
+    for d, mem in mats:
+      if not mem[i]:
+        continue
+      idx = [j for j in np.flatnonzero(mem) if j != i]
+      a += [d[i, j] for j in idx]
+      b += [d[j, l] for x, j in enumerate(idx) for l in idx[x + 1:]]
+    ref = stats.ks_2samp(a, margin * np.asarray(b), alternative="less")
+    assert na[i] == len(a) and nb[i] == len(b)
+    assert stat[i] == pytest.approx(ref.statistic, abs=1e-12)
+
+
+def test_ks_flags_own_backdoors_at_half_malicious():
+  rng = np.random.default_rng(1)
+  n, mal = 32, 16
+  ev = detect.Evidence()
+  for _ in range(4):
+    d, _ = _rttd_matrix(n, mal, rng)
+    ev.add(d, np.ones(n, bool))
+  v = detect.detect("ks", ev, n, alpha=0.01, ks_margin=10.0)
+  assert v.flags[:mal].all()
+  assert not v.flags[mal:].any()
+  assert np.all(v.pvalues[:mal] < 0.01) and np.all(v.pvalues[mal:] > 0.5)
+
+
+def test_ks_margin_spares_benign_heterogeneity():
+  # Benign providers whose divergence differs by a factor of up to 3: the
+  # plain rank test flags the noisier ones, a margin of 10 does not.
+  rng = np.random.default_rng(2)
+  n = 20
+  scale = np.linspace(1.0, 3.0, n)
+  ev = detect.Evidence()
+  for _ in range(5):
+    x = 1e-6 * scale[:, None] * rng.normal(size=(n, 50))
+    ev.add(np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)), np.ones(n, bool))
+  plain = detect.detect("ks", ev, n, alpha=0.01, ks_margin=1.0)
+  assert plain.flags.any()   # the failure mode the margin exists for
+  assert not detect.detect("ks", ev, n, alpha=0.01, ks_margin=10.0).flags.any()
+
+
+def test_only_members_can_be_flagged():
+  rng = np.random.default_rng(3)
+  d, _ = _rttd_matrix(12, 3, rng)
+  ev = detect.Evidence()
+  mem = np.ones(12, bool)
+  mem[0] = False      # malicious but already excluded
+  ev.add(d, mem)
+  for name in detect.DETECTORS:
+    med = [np.linalg.norm(np.ones((12, 1)), axis=1)]
+    v = detect.detect(name, ev, 12, alpha=0.05, median_evidence=med)
+    assert not v.flags[0], name
+
+
+def test_krum_scores_match_brute_force():
+  rng = np.random.default_rng(4)
+  d, _ = _rttd_matrix(10, 2, rng, benign_scale=0.1)
+  f = 3
+  got = detect.krum_scores(d, f)
+  for i in range(10):
+    others = sorted(d[i, j] ** 2 for j in range(10) if j != i)
+    assert got[i] == pytest.approx(sum(others[:10 - f - 2]))
+
+
+def test_multikrum_and_krum_flag_f_outliers():
+  rng = np.random.default_rng(5)
+  d, _ = _rttd_matrix(12, 3, rng)
+  ev = detect.Evidence()
+  ev.add(d, np.ones(12, bool))
+  for name in ("krum", "multikrum"):
+    v = detect.detect(name, ev, 12, krum_f=3)
+    np.testing.assert_array_equal(np.flatnonzero(v.flags), [0, 1, 2])
+
+
+def test_zscore_and_median_flag_a_single_outlier():
+  rng = np.random.default_rng(6)
+  d, x = _rttd_matrix(16, 1, rng, benign_scale=0.01)
+  ev = detect.Evidence()
+  ev.add(d, np.ones(16, bool))
+  assert np.flatnonzero(detect.detect("zscore", ev, 16).flags).tolist() == [0]
+  med = np.asarray(detect.median_distances(x.astype(np.float32),
+                                           np.ones(16, bool)))
+  ref = np.linalg.norm(x - np.median(x, axis=0), axis=1)
+  np.testing.assert_allclose(med, ref, rtol=1e-4)
+  v = detect.detect("median", ev, 16, median_evidence=[med])
+  assert np.flatnonzero(v.flags).tolist() == [0]
+
+
+def test_bad_detector_arguments():
+  ev = detect.Evidence()
+  with pytest.raises(ConfigError, match="detector"):
+    detect.detect("foolsgold", ev, 4)
+  with pytest.raises(ConfigError, match="alpha"):
+    detect.detect("ks", ev, 4, alpha=1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(-5, 5), st.booleans()), min_size=2,
+                max_size=40))
+def test_auroc_matches_sklearn(pairs):
+  scores = np.array([p[0] for p in pairs])
+  labels = np.array([p[1] for p in pairs])
+  if labels.all() or not labels.any():
+    assert np.isnan(metrics.auroc(scores, labels))
+    return
+  assert metrics.auroc(scores, labels) == pytest.approx(
+      roc_auc_score(labels, scores))
+  fpr, tpr = metrics.roc_curve(scores, labels)
+  assert fpr[0] == 0 and tpr[0] == 0 and fpr[-1] == 1 and tpr[-1] == 1
+  assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+
+
+def test_tpr_fpr():
+  flags = np.array([1, 1, 0, 1, 0, 0], bool)
+  mal = np.array([1, 1, 1, 0, 0, 0], bool)
+  assert metrics.tpr(flags, mal) == pytest.approx(2 / 3)
+  assert metrics.fpr(flags, mal) == pytest.approx(1 / 3)

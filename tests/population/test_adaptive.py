@@ -1,0 +1,217 @@
+"""Tests of the adaptive adversaries (jaxrep.population.adaptive) and the cluster detector."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrep.population import adaptive
+from jaxrep.population import image_attacks as attacks
+from jaxrep.data import datasets as data
+from jaxrep.detect import detectors as detect
+from jaxrep.population import divergence
+from jaxrep.models import zoo as models
+from jaxrep.protocol import loop as protocol
+from jaxrep.train import trainer as train
+from jaxrep.core.errors import ConfigError
+
+N, K = 5, 5
+
+
+@pytest.fixture(scope="module")
+def digits():
+  return data.load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def world(digits):
+  """A small digits sub-run: model, start population, inputs."""
+  model = models.get_model("mlp", digits.num_classes, digits.input_shape)
+  cfg = train.TrainConfig(learning_rate=0.05, total_steps=100)
+  plain = train.make_trainer(model, cfg)
+  pop = plain.init(jax.random.key(0), N)
+  schedule = jnp.asarray(data.batch_schedule(0, 0, K, 32,
+                                             len(digits.y_train)))
+  keys = train.provider_keys(jax.random.key(1), N)
+  div = divergence.make_divergence(divergence.DivergenceConfig(), N)
+  args = (jnp.asarray(digits.x_train), jnp.asarray(digits.y_train), schedule,
+          keys, div)
+  return dict(model=model, cfg=cfg, pop=pop, args=args, ds=digits)
+
+
+def _base(ds, malicious):
+  specs = attacks.population_specs(N, malicious, "badnets", num_classes=10,
+                                   poison_rate=0.25)
+  return adaptive.wrap(attacks.make_behaviour(specs, ds.input_shape, 10))
+
+
+def _trainer(world, hooks):
+  return train.make_trainer(world["model"], world["cfg"], hooks=hooks)
+
+
+def _run(world, behaviour, trainer):
+  out, _ = trainer.sub_run(world["pop"], *world["args"], behaviour)
+  return out
+
+
+def _row(tree, i):
+  return train.flatten_population(tree)[i]
+
+
+@pytest.fixture(scope="module")
+def plain(world):
+  """(honest, full): every provider honest; providers 0-2 plain BadNets.
+
+  The clean twin of a provider is bitwise its honest result.
+  """
+  trainer = _trainer(world, adaptive.make_hooks(_base(world["ds"], 3)))
+  return (_run(world, _base(world["ds"], 0), trainer),
+          _run(world, _base(world["ds"], 3), trainer))
+
+
+def test_sporadic_poisons_exactly_the_planned_subruns(digits):
+  b = adaptive.adapt(_base(digits, 3), [0, 1], "sporadic", 0.25)
+  plan = adaptive.poison_plan(b, 20, seed=7)
+  assert plan[0].sum() == 5 and plan[1].sum() == 5
+  assert plan[2].all() and not plan[3:].any()    # plain attacker, benign
+  assert not np.array_equal(plan[0], plan[1])    # own random sub-runs
+  np.testing.assert_array_equal(plan, adaptive.poison_plan(b, 20, seed=7))
+  last = adaptive.poison_plan(b, 20, seed=7, placement="last")
+  assert last[0, 15:].all() and not last[0, :15].any()
+  for_subrun = adaptive.subrun_behaviour(plan)
+  x = jnp.asarray(digits.x_train[:32])
+  y = jnp.asarray(digits.y_train[:32])
+  hooks = adaptive.make_hooks(b)
+  for s in range(20):
+    bs = for_subrun(b, s)
+    assert jax.tree_util.tree_structure(bs) == jax.tree_util.tree_structure(b)
+    for i in range(N):
+      bi = jax.tree_util.tree_map(lambda a: a[i], bs)
+      xp, _ = hooks.poison_batch(bi, None, x, y)
+      assert bool(jnp.any(xp != x)) == bool(plan[i, s]), (s, i)
+
+
+def test_constrained_return_is_within_epsilon_of_clean(world, plain):
+  ratio, c = 1e-3, 1.0
+  honest, full = plain
+  b = adaptive.adapt(_base(world["ds"], 3), [0, 1], "constrained", c,
+                     ratio=ratio)
+  trainer = _trainer(world, adaptive.make_hooks(b))
+  out = _run(world, b, trainer)
+  start = _row(world["pop"].params, 0)
+  for i in (0, 1):
+    clean = _row(honest.params, i)
+    eps = c * ratio * float(jnp.linalg.norm(clean - start))
+    dev = float(jnp.linalg.norm(_row(out.params, i) - clean))
+    assert dev <= eps * 1.001 and dev >= 0.99 * eps, (i, dev, eps)
+  # The plain attacker (2) is untouched and far; benign (3, 4) are honest.
+  np.testing.assert_array_equal(_row(out.params, 2), _row(full.params, 2))
+  assert float(jnp.linalg.norm(_row(full.params, 2) - _row(honest.params, 2))
+               ) > 100 * eps
+  for i in (3, 4):
+    np.testing.assert_array_equal(_row(out.params, i), _row(honest.params, i))
+  # Only parameters carry the deviation: the optimizer state is the twin's.
+  np.testing.assert_array_equal(_row(out.opt_state, 0),
+                                _row(honest.opt_state, 0))
+  # In a sub-run it skips (sporadic), it returns its honest result (the twin
+  # is still compiled in: same shapes, no recompilation).
+  off = adaptive.subrun_behaviour(np.eye(N, 1, -2, bool))(b, 0)
+  out = _run(world, off, trainer)
+  for i in (0, 1):
+    np.testing.assert_array_equal(_row(out.params, i), _row(honest.params, i))
+  np.testing.assert_array_equal(_row(out.params, 2), _row(full.params, 2))
+
+
+def test_mimicry_deviation_has_the_intended_scale(world, plain):
+  ratio = 1e-3
+  honest, full = plain
+  start = _row(world["pop"].params, 0)
+  # Provider 0, keep = 0: only noise, of norm noise x ratio x ||clean update||.
+  # Provider 1, keep = 0.1, no noise: a tenth of the backdoor deviation.
+  b = adaptive.adapt(_base(world["ds"], 3), [0], "mimicry", 0.0,
+                     ratio=ratio, noise=2.0)
+  b = adaptive.adapt(b, [1], "mimicry", 0.1, ratio=ratio, noise=0.0)
+  out = _run(world, b, _trainer(world, adaptive.make_hooks(b)))
+  clean = _row(honest.params, 0)
+  sigma = ratio * float(jnp.linalg.norm(clean - start))
+  dev = float(jnp.linalg.norm(_row(out.params, 0) - clean))
+  assert abs(dev - 2.0 * sigma) < 0.01 * sigma, (dev, sigma)
+  want = 0.1 * (_row(full.params, 1) - _row(honest.params, 1))
+  got = _row(out.params, 1) - _row(honest.params, 1)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  assert float(jnp.linalg.norm(want)) > 1e-2
+
+
+def test_colluders_share_one_trigger(digits):
+  b = adaptive.collude(_base(digits, 4), [0, 1, 2])
+  for field in ("mask", "pattern", "target", "poison_rate", "alpha"):
+    a = np.asarray(getattr(b, field))
+    np.testing.assert_array_equal(a[1], a[0])
+    np.testing.assert_array_equal(a[2], a[0])
+  own = np.asarray(b.pattern)[3] != np.asarray(b.pattern)[0]
+  own = own.any() or np.asarray(b.mask)[3].tolist() != np.asarray(b.mask)[0].tolist()
+  assert own                                      # provider 3: its own
+  assert b.names()[:4] == ["collusion"] * 3 + ["badnets"]
+
+
+def test_adaptive_validation(digits):
+  b = _base(digits, 1)
+  with pytest.raises(ConfigError, match="ratio"):
+    adaptive.adapt(b, [0], "constrained", 1.0)
+  with pytest.raises(ConfigError, match="who"):
+    adaptive.adapt(b, [2], "sporadic", 0.5)
+  with pytest.raises(ConfigError, match="attack"):
+    adaptive.adapt(b, [0], "steganography", 0.5)
+
+
+def _two_groups(n_benign, n_coll, rng, lone=0):
+  """Benign at 1e-6 scale, colluders tight around a far point, lone far."""
+  pts = [rng.normal(0, 1e-6, (n_benign, 4)),
+         np.array([5.0, 0, 0, 0]) + rng.normal(0, 1e-6, (n_coll, 4)),
+         rng.normal(0, 3.0, (lone, 4)) + 10]
+  x = np.concatenate(pts)
+  return np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+
+
+@pytest.mark.parametrize("coll", [2, 4, 6])
+def test_cluster_detector_flags_a_minority_group(coll):
+  n = 16
+  d = _two_groups(n - coll - 1, coll, np.random.default_rng(coll), lone=1)
+  ev = detect.Evidence()
+  ev.add(d, np.ones(n, bool))
+  v = detect.detect("cluster", ev, n, ks_margin=10.0)
+  want = np.arange(n) >= n - coll - 1
+  np.testing.assert_array_equal(v.flags, want)
+
+
+def test_cluster_detector_tie_and_anchor():
+  n = 16
+  ev = detect.Evidence()
+  ev.add(_two_groups(8, 8, np.random.default_rng(0)), np.ones(n, bool))
+  assert not detect.detect("cluster", ev, n).flags.any()   # 50/50: undecided
+  assert not detect.detect("ks", ev, n, ks_margin=10.0).flags.any()
+  v = detect.cluster_detector(ev, n, 10.0, anchor=0)
+  np.testing.assert_array_equal(v.flags, np.arange(n) >= 8)
+
+
+def test_protocol_run_with_adaptive_providers(digits):
+  """Constrained at c = 1 evades KS; a plain backdoor beside it does not."""
+  cfg = protocol.SimConfig(providers=6, malicious=2, steps=40,
+                           subrun_steps=20, replicated=2, attack_check=False,
+                           probe_size=32)
+  cal = adaptive.calibrate(cfg, digits)
+  assert 0 < cal.ratio < 1e-4
+  b = adaptive.wrap(attacks.make_behaviour(
+      attacks.population_specs(6, 2, "badnets", num_classes=10),
+      digits.input_shape, 10))
+  b = adaptive.adapt(b, [0], "constrained", 1.0, ratio=cal.ratio)
+  r = protocol.run(cfg, progress=False, dataset=digits, behaviour=b,
+                   hooks=adaptive.make_hooks(b))
+  assert r.attack_names[:3] == ["constrained", "badnets", None]
+  assert r.flags[1] and not r.flags[0] and not r.flags[2:].any()
+  # Its distances look benign: within 10x of the benign-benign ones.
+  d = r.matrices[0]
+  benign = d[2:, 2:][np.triu_indices(4, 1)]
+  assert np.median(d[0, 2:]) < 10 * np.median(benign)
