@@ -87,7 +87,7 @@ def run_point(cfg, ds, attack: str, knob: float, calibration) -> dict:
   placement = "last" if attack == "sporadic_last" else "random"
   setup = adaptive.population(cfg, ds, name, knob, malicious=cfg.malicious,
                               calibration=calibration, placement=placement)
-  cfg = dataclasses.replace(cfg, malicious=setup.malicious)
+  cfg = cfg.replace(malicious=setup.malicious)
   t0 = time.time()
   res = protocol.run(cfg, progress=False, dataset=ds,
                      behaviour=setup.behaviour, hooks=setup.hooks,
@@ -195,7 +195,7 @@ def plot_attack(table, attack, path):
 def evasion(args, ds) -> dict:
   rows = []
   for seed in args.seeds:
-    cfg = protocol.SimConfig(seed=seed, malicious=args.attackers,
+    cfg = protocol.SimConfig.from_flat(seed=seed, malicious=args.attackers,
                              probe_size=64, **args.setting)
     cal = adaptive.calibrate(cfg, ds)
     print(f"[seed {seed}] calibration: benign distance {cal.distance:.3g}, "
@@ -227,7 +227,7 @@ def sens_point(cfg, ds, attack=None, knob=None) -> dict:
   if attack is not None:
     setup = adaptive.population(cfg, ds, attack, knob,
                                 malicious=cfg.malicious)
-    cfg = dataclasses.replace(cfg, malicious=setup.malicious)
+    cfg = cfg.replace(malicious=setup.malicious)
     kw = dict(behaviour=setup.behaviour, hooks=setup.hooks,
               behaviour_for_subrun=setup.behaviour_for_subrun)
   res = protocol.run(cfg, progress=False, dataset=ds, record_metrics=("l2",),
@@ -253,14 +253,14 @@ def sensitivity(args, ds) -> dict:
   noise = [0.0, 1e-3, 1e-2, 0.1, 0.3] if not args.quick else [0.0, 0.1]
   bf16 = [0.0, 0.25, 0.5, 1.0] if not args.quick else [0.0, 0.25]
   for seed in args.seeds:
-    base = protocol.SimConfig(seed=seed, attack_check=False, probe_size=64,
+    base = protocol.SimConfig.from_flat(seed=seed, attack_check=False, probe_size=64,
                               **args.setting)
     for g in noise:
-      r = sens_point(dataclasses.replace(base, grad_noise=g), ds)
+      r = sens_point(base.replace(grad_noise=g), ds)
       rows.append(dict(study="grad_noise", value=g, **r))
       print(f"[seed {seed}] grad_noise {g}: {r}", file=sys.stderr, flush=True)
     for f in bf16:
-      r = sens_point(dataclasses.replace(base, bf16_fraction=f), ds)
+      r = sens_point(base.replace(bf16_fraction=f), ds)
       rows.append(dict(study="bf16_fraction", value=f, **r))
       print(f"[seed {seed}] bf16 {f}: {r}", file=sys.stderr, flush=True)
     grid = [(k, m, n) for k in (10, 20, 40) for m in (1, 3, 5)
@@ -268,7 +268,7 @@ def sensitivity(args, ds) -> dict:
     if args.quick:
       grid = grid[::6]
     for k, m, n in grid:
-      cfg = dataclasses.replace(base, subrun_steps=k, replicated=m,
+      cfg = base.replace(subrun_steps=k, replicated=m,
                                 providers=n, malicious=n // 4)
       r = sens_point(cfg, ds, "sporadic", 0.25)
       rows.append(dict(study="frontier", value=None, **r))

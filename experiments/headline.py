@@ -98,7 +98,7 @@ def main(argv=None):
         setting["attack"] = args.attack
       if args.quick:
         setting.update(steps=100, replicated=2)
-      cfg = protocol.SimConfig(
+      cfg = protocol.SimConfig.from_flat(
           providers=args.providers, malicious=args.providers // 2,
           seed=seed, alpha=args.alpha,
           ks_margin=args.ks_margin, probe_size=128, **setting)

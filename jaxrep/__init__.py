@@ -12,7 +12,7 @@ Data flows one way:
            -> distances (n x n per metric) -> detector -> metrics / report
 """
 
-__version__ = "0.1.0"
+from jaxrep.core.version import __version__
 
 from jaxrep.core.errors import ConfigError
 from jaxrep.data.datasets import Dataset, batch_schedule, load_dataset

@@ -18,92 +18,41 @@ naming the flag, before any training starts.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
 from absl import app, flags, logging
 
+from jaxrep import config as config_lib
+from jaxrep.population import build as population_lib
 from jaxrep.protocol import loop as protocol
 from jaxrep.core.errors import ConfigError
 
-_DEFAULT = protocol.SimConfig()
 FLAGS = flags.FLAGS
 
-_HELP = {
-    "dataset": "images: digits (embedded), idx, fashion_mnist_idx, or a TFDS "
-               "name; text: fortunes (Debian's fortunes package), "
-               "text_synthetic, or a TFDS text name (imdb_reviews, "
-               "ag_news_subset, ...)",
-    "data_dir": "directory of IDX files, of the fortunes files or of "
-                "prepared TFDS data",
-    "max_len": "text: tokens per example (longer ones are truncated)",
-    "vocab_size": "text: vocabulary size, <pad> and <unk> included",
-    "model": "auto (mlp for images, text_cnn for text), mlp, cnn, resnet20, "
-             "text_cnn or text_transformer",
-    "providers": "number of providers n (>= 2)",
-    "malicious": "how many of them plant a backdoor",
-    "attack": "auto (badnets for images, token for text); images: badnets, "
-              "blend, label_flip, scaling or warp; text: token (rare-word "
-              "trigger inserted at a random place), phrase (a phrase of "
-              "common words inserted at the start) or label_flip",
-    "poison_rate": "share of each batch a malicious provider poisons",
-    "target_label": "backdoor target; -1: each malicious provider its own",
-    "trigger_size": "images: BadNets / scaling patch size in pixels",
-    "trigger_location": "top_left, top_right, bottom_left, bottom_right, "
-                        "center or random (each provider its own)",
-    "blend_alpha": "blend attack strength",
-    "scale_factor": "model replacement factor of the scaling attack",
-    "warp_strength": "warp attack displacement in pixels",
-    "label_flip_source": "label_flip source class; -1: each provider its own",
-    "trigger_tokens": "text: trigger length in tokens (0: token 1, phrase 4)",
-    "steps": "training steps T of the whole run",
-    "subrun_steps": "steps k per sub-run (steps must be a multiple)",
-    "replicated": "sub-runs m the client replicates on all providers",
-    "metric": "l2, cosine, l1, linf, output, cka or zest",
-    "detector": "ks, zscore, krum, multikrum, median or cluster",
-    "alpha": "significance level of the detector, in (0, 1)",
-    "ks_margin": "ks: test whether a provider's distances exceed margin x "
-                 "the others' (1: the plain test; see detect.py)",
-    "krum_f": "f assumed by krum/multikrum; -1: (n - 3) // 2",
-    "seed": "seed of everything (init, schedule, triggers, choices)",
-    "batch_size": "examples per training step",
-    "optimizer": "sgd (with momentum) or adam",
-    "learning_rate": "peak learning rate",
-    "momentum": "SGD momentum",
-    "schedule": "constant, cosine, warmup_cosine or step",
-    "permute": "benign divergence: per-provider reduction order",
-    "grad_noise": "benign divergence: relative gradient noise scale",
-    "bf16_fraction": "benign divergence: share of providers in bfloat16",
-    "probe_size": "test examples used as the probe set of output/cka/zest",
-    "max_train": "use only the first N training examples (0: all)",
-    "hostile": "for testing the client's checks: providers returning garbage, "
-               "e.g. '3:nan,5:wrong_shape' (modes nan, inf, diverged, "
-               "wrong_shape)",
-    "devices": "devices the providers are split over (1: one device, 0: all, "
-               "e.g. 8 GPUs); providers must be a multiple",
-    "memory_mb": "memory budget per device in MiB (0: what the device "
-                 "reports); a population that does not fit is trained in "
-                 "provider chunks, one that can never fit is refused",
-    "attack_check": "also train every provider's own full run, to show each "
-                    "attack works (ASR) — doubles the training cost",
-}
+
+def _define(name: str, default, help_: str, kind: type | None = None) -> None:
+  kind = kind or type(default)
+  if kind is bool:
+    flags.DEFINE_bool(name, default, help_)
+  elif kind is int:
+    flags.DEFINE_integer(name, default, help_)
+  elif kind is float:
+    flags.DEFINE_float(name, default, help_)
+  else:
+    flags.DEFINE_string(name, default, help_)
 
 
 def _define_flags() -> None:
-  for field in dataclasses.fields(protocol.SimConfig):
-    default = getattr(_DEFAULT, field.name)
-    help_ = _HELP[field.name]
-    if field.name == "data_dir":
-      flags.DEFINE_string(field.name, None, help_)
-    elif isinstance(default, bool):
-      flags.DEFINE_bool(field.name, default, help_)
-    elif isinstance(default, int):
-      flags.DEFINE_integer(field.name, default, help_)
-    elif isinstance(default, float):
-      flags.DEFINE_float(field.name, default, help_)
-    else:
-      flags.DEFINE_string(field.name, default, help_)
+  """One flag per config field (help from its metadata) and per attack
+  option (declared by the attack families)."""
+  default = config_lib.SimConfig()
+  for section, field, flag in config_lib.flag_fields():
+    holder = default if section is None else getattr(default, section)
+    _define(flag, getattr(holder, field.name), field.metadata["help"],
+            field.metadata.get("kind"))
+  for name, opt in population_lib.OPTIONS.items():
+    _define(name, opt.default, f"{opt.help} ({', '.join(opt.attacks)})")
   flags.DEFINE_string("out", "runs/latest", "output directory")
   flags.DEFINE_bool("progress", True, "show a progress bar over sub-runs")
   flags.DEFINE_bool("resume", True, "continue the run checkpointed in --out "
@@ -119,10 +68,9 @@ def _define_flags() -> None:
 _define_flags()
 
 
-def config_from_flags() -> protocol.SimConfig:
-  values = {f.name: FLAGS[f.name].value
-            for f in dataclasses.fields(protocol.SimConfig)}
-  return protocol.SimConfig(**values)
+def config_from_flags() -> config_lib.SimConfig:
+  names = list(config_lib.flag_names()) + list(population_lib.OPTIONS)
+  return config_lib.SimConfig.from_flat(**{n: FLAGS[n].value for n in names})
 
 
 def jax_process_count() -> int:
@@ -149,7 +97,7 @@ def main(argv) -> None:
   from jaxrep.runtime import distributed
   from jaxrep.report import outputs as report
   try:
-    config = config_from_flags().validate()
+    config = protocol.validate(config_from_flags())
     multi = distributed.initialize(FLAGS.coordinator_address,
                                    FLAGS.num_processes, FLAGS.process_id)
     lead = distributed.is_coordinator()

@@ -32,6 +32,7 @@ import zlib
 
 import numpy as np
 
+from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import ConfigError, require
 
 DEFAULT_DATASET = "digits"
@@ -137,7 +138,7 @@ def _stratified_split(labels: np.ndarray, test_fraction: float,
   Returns:
     (train_indices, test_indices), int64 arrays.
   """
-  rng = np.random.default_rng(seed)
+  rng = rng_lib.split(seed)
   test = []
   for label in np.unique(labels):
     members = np.flatnonzero(labels == label)
@@ -494,7 +495,7 @@ def batch_schedule(seed: int, subrun: int, steps: int, batch_size: int,
   require(batch_size <= num_examples, "batch_size",
           f"must be <= the number of training examples ({num_examples}), got "
           f"{batch_size}")
-  rng = np.random.default_rng([int(seed), int(subrun)])
+  rng = rng_lib.batches(seed, subrun)
   per_epoch = num_examples // batch_size
   epochs = -(-steps // per_epoch)
   batches = [

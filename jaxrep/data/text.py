@@ -62,6 +62,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from jaxrep.data import datasets as data_lib
+from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import ConfigError, require
 
 PAD = 0
@@ -282,8 +283,8 @@ def synthetic_corpus() -> Corpus:
   Four classes, `SYNTHETIC_CLASSES` (sports, science, business, cooking), each
   with 12 topic words (`SYNTHETIC_TOPIC_WORDS`), plus 60 shared filler words
   (`SYNTHETIC_FILLER_WORDS`, common English words). The train split (2000
-  sentences) is drawn with `np.random.default_rng([SYNTHETIC_SEED, 0])`, the
-  test split (500) with `np.random.default_rng([SYNTHETIC_SEED, 1])`. In each
+  sentences) is drawn with `rng_lib.synthetic(0, SYNTHETIC_SEED)`, the
+  test split (500) with `rng_lib.synthetic(1, SYNTHETIC_SEED)`. In each
   split the labels are `arange(count) % 4`, randomly permuted (balanced);
   then every sentence, in order, draws:
 
@@ -304,9 +305,9 @@ def synthetic_corpus() -> Corpus:
     The corpus (labels int64 in [0, 4)).
   """
   train_texts, y_train = _synthetic_split(
-      SYNTHETIC_SIZES[0], np.random.default_rng([SYNTHETIC_SEED, 0]))
+      SYNTHETIC_SIZES[0], rng_lib.synthetic(0, SYNTHETIC_SEED))
   test_texts, y_test = _synthetic_split(
-      SYNTHETIC_SIZES[1], np.random.default_rng([SYNTHETIC_SEED, 1]))
+      SYNTHETIC_SIZES[1], rng_lib.synthetic(1, SYNTHETIC_SEED))
   return Corpus(train_texts, y_train, test_texts, y_test,
                 len(SYNTHETIC_CLASSES))
 
@@ -374,7 +375,7 @@ def fortunes_corpus(data_dir: str = FORTUNES_DIR) -> Corpus:
   labels = np.asarray(labels, np.int64)
   train, test = data_lib._stratified_split(labels, FORTUNES_TEST_FRACTION,
                                            FORTUNES_SPLIT_SEED)
-  rng = np.random.default_rng(FORTUNES_SPLIT_SEED)
+  rng = rng_lib.split(FORTUNES_SPLIT_SEED)
   train, test = rng.permutation(train), rng.permutation(test)
   return Corpus(tuple(texts[i] for i in train), labels[train],
                 tuple(texts[i] for i in test), labels[test],

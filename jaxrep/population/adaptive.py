@@ -63,6 +63,7 @@ from jaxrep.distances import kernels as dist_lib
 from jaxrep.population import divergence as div_lib
 from jaxrep.models import zoo as models_lib
 from jaxrep.train import trainer as train_lib
+from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import require
 
 ADAPTIVE = ("low_rate", "sporadic", "constrained", "mimicry", "collusion")
@@ -251,7 +252,7 @@ def shape_return(b: Adaptive, key, start, end, clean_end):
   factor = jnp.where(b.mode == MODE["constrained"], clip,
                      jnp.where(b.mode == MODE["mimicry"], b.strength, 1.0))
   amount = jnp.where(b.mode == MODE["mimicry"], b.noise * sigma, 0.0)
-  unit = _unit_noise(jax.random.fold_in(key, 0xD15), dev)
+  unit = _unit_noise(rng_lib.return_noise(key), dev)
   shaped = jax.tree_util.tree_map(lambda c, d, u: c + factor * d + amount * u,
                                   clean_end, dev, unit)
   return jax.tree_util.tree_map(
@@ -301,7 +302,7 @@ def poison_plan(behaviour: Adaptive, num_subruns: int, seed: int, *,
     if placement == "last":
       chosen = np.arange(num_subruns - count, num_subruns)
     else:
-      rng = np.random.default_rng([seed, int(i), 0x5B0])
+      rng = rng_lib.sporadic(seed, i)
       chosen = rng.permutation(num_subruns)[:count]
     plan[i, chosen] = True
   return plan
@@ -350,18 +351,18 @@ def calibrate(config, dataset: data_lib.Dataset, *, subrun: int = 0,
   from jaxrep.protocol import loop as protocol  # pylint: disable=g-import-not-at-top
   config = protocol.resolve(config, dataset)
   n = providers or config.providers
-  model = models_lib.get_model(config.model, dataset.num_classes,
+  model = models_lib.get_model(config.model.name, dataset.num_classes,
                                dataset.input_shape)
-  trainer = train_lib.make_trainer(model, config.train_config(),
-                                   config.divergence_config())
-  root = jax.random.key(config.seed)
-  params, model_state = model.init(jax.random.fold_in(root, 0))
+  trainer = train_lib.make_trainer(model, protocol.train_config(config),
+                                   config.divergence)
+  root = rng_lib.root(config.seed)
+  params, model_state = model.init(rng_lib.model_init(root))
   pop = trainer.replicate(params, model_state, n)
   schedule = jnp.asarray(data_lib.batch_schedule(
       config.seed, subrun, config.subrun_steps, config.batch_size,
       dataset.x_train.shape[0]))
-  keys = train_lib.provider_keys(jax.random.fold_in(root, 1000 + subrun), n)
-  div = div_lib.make_divergence(config.divergence_config(), n, config.seed)
+  keys = rng_lib.provider_keys(rng_lib.subrun(root, subrun), n)
+  div = div_lib.make_divergence(config.divergence, n, config.seed)
   benign = attacks_lib.benign(n, dataset.input_shape, dataset.num_classes)
   out, _ = trainer.sub_run(pop, jnp.asarray(dataset.x_train),
                            jnp.asarray(dataset.y_train), schedule, keys, div,
@@ -409,7 +410,7 @@ def population(config, dataset: data_lib.Dataset, attack: str,
     noise: mimicry noise norm in benign distances.
 
   Returns:
-    a `Setup`; pass `dataclasses.replace(config, malicious=setup.malicious)`.
+    a `Setup`; pass `config.replace(malicious=setup.malicious)`.
   """
   require(attack in ADAPTIVE, "attack",
           f"unknown adaptive attack {attack!r}; choose one of "

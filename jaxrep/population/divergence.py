@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import require
 
 
@@ -86,7 +87,7 @@ def make_divergence(config: DivergenceConfig, n: int,
   """
   config.validate()
   num_bf16 = int(round(config.bf16_fraction * n))
-  order = np.random.default_rng([seed, 0xBF16]).permutation(n)
+  order = rng_lib.stacks(seed).permutation(n)
   bf16 = np.zeros(n, bool)
   bf16[order[:num_bf16]] = True
   return Divergence(

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import ConfigError, require
 from jaxrep.train.trainer import Hooks
 
@@ -321,7 +322,7 @@ def make_behaviour(specs: Sequence[AttackSpec | None], input_shape,
   if reference is None:
     reference = next((s for s in specs if s is not None), BadNets())
   validate_spec(reference, (h, w, c), num_classes)
-  rows = [_one(spec, reference, (h, w, c), np.random.default_rng([seed, i]))
+  rows = [_one(spec, reference, (h, w, c), rng_lib.trigger(seed, i))
           for i, spec in enumerate(specs)]
   stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   dtypes = dict(kind=jnp.int32, target=jnp.int32, source=jnp.int32)
@@ -354,7 +355,7 @@ def population_specs(n: int, malicious: int, attack: str, *,
   unknown = set(overrides) - fields
   require(not unknown, "attack", f"{attack} has no field(s) "
           f"{', '.join(sorted(unknown))}; it has {', '.join(sorted(fields))}")
-  rng = np.random.default_rng([seed, 0xA77])
+  rng = rng_lib.attack_draws(seed)
   specs: list[AttackSpec | None] = []
   for _ in range(malicious):
     kw = {}

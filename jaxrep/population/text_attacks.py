@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrep.population.image_attacks import LabelFlip, finalize
+from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import ConfigError, require
 from jaxrep.train.trainer import Hooks
 
@@ -208,7 +209,7 @@ def _draw_tokens(spec, vocab_size: int, rng) -> np.ndarray:
   if spec.tokens is not None:
     return np.asarray(spec.tokens, np.int64)
   if spec.seed is not None:
-    rng = np.random.default_rng([spec.seed, 0x7E47])
+    rng = rng_lib.trigger_tokens(spec.seed)
   words = vocab_size - FIRST_WORD
   m = _trigger_size(spec)
   if isinstance(spec, TokenTrigger):
@@ -277,7 +278,7 @@ def make_behaviour(specs: Sequence[AttackSpec | None], input_shape,
   t_max = max(1, _trigger_size(reference),
               *(_trigger_size(s) for s in specs if s is not None))
   rows = [_one(spec, reference, vocab_size, t_max,
-               np.random.default_rng([seed, i]))
+               rng_lib.trigger(seed, i))
           for i, spec in enumerate(specs)]
   stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   dtypes = dict(poison_rate=jnp.float32, scale=jnp.float32)
@@ -313,7 +314,7 @@ def population_specs(n: int, malicious: int, attack: str, *,
   unknown = set(overrides) - fields
   require(not unknown, "attack", f"{attack} has no field(s) "
           f"{', '.join(sorted(unknown))}; it has {', '.join(sorted(fields))}")
-  rng = np.random.default_rng([seed, 0xA77])
+  rng = rng_lib.attack_draws(seed)
   specs: list[AttackSpec | None] = []
   for _ in range(malicious):
     kw = {}
@@ -417,7 +418,7 @@ def attack_success_rate(model, params, model_state, behaviour: TextBehaviour,
   base = jax.random.key(seed)
   for start in range(0, x_test.shape[0], batch_size):
     h, c = _asr_counts(model, params, model_state, behaviour,
-                       jax.random.fold_in(base, start),
+                       rng_lib.text_asr(seed, start),
                        x_test[start:start + batch_size],
                        y_test[start:start + batch_size])
     hits, counts = hits + h, counts + c

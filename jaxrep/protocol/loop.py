@@ -43,12 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrep.population import image_attacks as attacks_lib
 from jaxrep.runtime import checkpoint as ckpt_lib
 from jaxrep.protocol import hostile as hostile_lib
 from jaxrep.runtime import memory as memory_lib
 from jaxrep.runtime import sharding as sharding_lib
-from jaxrep.population import text_attacks as text_attacks_lib
+from jaxrep.population import build as population_lib
 from jaxrep.data import datasets as data_lib
 from jaxrep.detect import detectors as detect_lib
 from jaxrep.distances import kernels as dist_lib
@@ -56,256 +55,64 @@ from jaxrep.population import divergence as div_lib
 from jaxrep.detect import metrics as metrics_lib
 from jaxrep.models import zoo as models_lib
 from jaxrep.train import trainer as train_lib
+from jaxrep import config as config_lib
+from jaxrep.config import SimConfig
+from jaxrep.core import rng
 from jaxrep.core.errors import ConfigError, require
 
 METRICS = ("l2", "cosine", "l1", "linf", "output", "cka", "zest")
 PARAM_METRICS = ("l2", "cosine", "l1", "linf")
-AUTO = "auto"
-# What "auto" means for --model / --attack, by the dataset's modality.
+AUTO = config_lib.AUTO
+# What "auto" means for --model, by the dataset's modality.
 DEFAULT_MODEL = {"image": "mlp", "text": "text_cnn"}
-DEFAULT_ATTACK = {"image": "badnets", "text": "token"}
-ATTACK_FAMILY = {"image": attacks_lib, "text": text_attacks_lib}
-ATTACKS = tuple(dict.fromkeys(attacks_lib.ATTACKS
-                              + text_attacks_lib.ATTACKS))
 
 
-@dataclasses.dataclass(frozen=True)
-class SimConfig:
-  """Everything that defines a simulation (the main job's flags)."""
-  dataset: str = "digits"
-  data_dir: str | None = None
-  max_len: int = 64             # text: tokens per example (truncate / pad)
-  vocab_size: int = 10000       # text: vocabulary size incl. <pad>, <unk>
-  model: str = AUTO             # auto: mlp for images, text_cnn for text
-  providers: int = 16
-  malicious: int = 8
-  attack: str = AUTO            # auto: badnets for images, token for text
-  poison_rate: float = 0.1
-  target_label: int = -1        # -1: each malicious provider picks its own
-  trigger_size: int = 2
-  trigger_location: str = "random"
-  blend_alpha: float = 0.2
-  scale_factor: float = 2.0
-  warp_strength: float = 1.5
-  label_flip_source: int = -1   # -1: each provider picks its own
-  trigger_tokens: int = 0       # text: trigger length (0: token 1, phrase 4)
-  steps: int = 400
-  subrun_steps: int = 20
-  replicated: int = 5
-  metric: str = "l2"
-  detector: str = "ks"
-  alpha: float = 0.01
-  ks_margin: float = 10.0       # ks: flag only distances > margin x the rest
-  krum_f: int = -1              # -1: the largest Krum tolerates, (n - 3) // 2
-  seed: int = 0
-  batch_size: int = 32
-  optimizer: str = "sgd"
-  learning_rate: float = 0.05
-  momentum: float = 0.9
-  schedule: str = "cosine"
-  permute: bool = True
-  grad_noise: float = 0.0
-  bf16_fraction: float = 0.0
-  probe_size: int = 256
-  hostile: str = ""             # testing: e.g. "3:nan,5:wrong_shape"
-  max_train: int = 0            # 0: the whole training set
-  attack_check: bool = True
-  devices: int = 1              # 1: one device; 0: all; d: providers over d
-  memory_mb: int = 0            # per-device budget in MiB; 0: ask the device
+def train_config(config: SimConfig) -> train_lib.TrainConfig:
+  """The trainer's hyper-parameters of a simulation."""
+  t = config.training
+  return train_lib.TrainConfig(
+      optimizer=t.optimizer, learning_rate=t.learning_rate,
+      momentum=t.momentum, schedule=t.schedule,
+      total_steps=config.protocol.steps, batch_size=t.batch_size)
 
-  @property
-  def num_subruns(self) -> int:
-    return self.steps // self.subrun_steps
 
-  @property
-  def overhead_steps(self) -> int:
-    return self.replicated * self.subrun_steps * (self.providers - 1)
-
-  def train_config(self) -> train_lib.TrainConfig:
-    return train_lib.TrainConfig(
-        optimizer=self.optimizer, learning_rate=self.learning_rate,
-        momentum=self.momentum, schedule=self.schedule,
-        total_steps=self.steps, batch_size=self.batch_size)
-
-  def divergence_config(self) -> div_lib.DivergenceConfig:
-    return div_lib.DivergenceConfig(permute=self.permute,
-                                    grad_noise=self.grad_noise,
-                                    bf16_fraction=self.bf16_fraction)
-
-  def validate(self) -> "SimConfig":
-    """Checks every field that can be checked without loading data."""
-    def integer(name, low, high=None):
-      v = getattr(self, name)
-      ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-      ok = ok and v >= low and (high is None or v <= high)
-      bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-      require(ok, name, f"must be an integer {bound}, got {v!r}")
-
-    def real(name, low, high, low_open=False, high_open=False):
-      v = getattr(self, name)
-      ok = (isinstance(v, (int, float, np.floating, np.integer))
-            and not isinstance(v, bool) and math.isfinite(v))
-      ok = ok and (v > low if low_open else v >= low)
-      ok = ok and (v < high if high_open else v <= high)
-      lb, hb = "(" if low_open else "[", ")" if high_open else "]"
-      require(ok, name, f"must be a number in {lb}{low}, {high}{hb}, got {v!r}")
-
-    require(self.model in models_lib.MODELS + (AUTO,), "model",
-            f"unknown model {self.model!r}; choose one of "
-            f"{', '.join(models_lib.MODELS + (AUTO,))}")
-    require(isinstance(self.dataset, str) and self.dataset != "", "dataset",
-            "must be a dataset name, e.g. digits, idx, fashion_mnist")
-    integer("providers", 2)
-    integer("malicious", 0)
-    require(self.malicious <= self.providers, "malicious",
-            f"{self.malicious} malicious providers but only "
-            f"{self.providers} providers")
-    require(self.attack in ATTACKS + (AUTO,), "attack",
-            f"unknown attack {self.attack!r}; choose one of "
-            f"{', '.join(ATTACKS + (AUTO,))}")
-    integer("max_len", 1)
-    integer("vocab_size", 3)
-    integer("trigger_tokens", 0)
-    real("poison_rate", 0.0, 1.0)
-    integer("target_label", -1)
-    integer("trigger_size", 1)
-    require(self.trigger_location in attacks_lib.LOCATIONS, "trigger_location",
-            f"unknown location {self.trigger_location!r}; choose one of "
-            f"{', '.join(attacks_lib.LOCATIONS)}")
-    real("blend_alpha", 0.0, 1.0)
-    real("scale_factor", 0.0, 1e6, low_open=True)
-    real("warp_strength", 0.0, 1e6, low_open=True)
-    integer("label_flip_source", -1)
-    integer("steps", 1)
-    integer("subrun_steps", 1)
-    require(self.subrun_steps <= self.steps, "subrun_steps",
-            f"a sub-run of {self.subrun_steps} steps does not fit in "
-            f"{self.steps} steps")
-    require(self.steps % self.subrun_steps == 0, "steps",
-            f"must be a multiple of subrun_steps={self.subrun_steps}, got "
-            f"{self.steps} (e.g. {self.num_subruns * self.subrun_steps})")
-    integer("replicated", 1)
-    require(self.replicated <= self.num_subruns, "replicated",
-            f"{self.replicated} replicated sub-runs but the run has only "
-            f"{self.num_subruns} sub-runs (steps / subrun_steps)")
-    require(self.metric in METRICS, "metric",
-            f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-    require(self.detector in detect_lib.DETECTORS, "detector",
-            f"unknown detector {self.detector!r}; choose one of "
-            f"{', '.join(detect_lib.DETECTORS)}")
-    real("alpha", 0.0, 1.0, low_open=True, high_open=True)
-    real("ks_margin", 1.0, 1e12)
-    integer("krum_f", -1)
-    require(self.krum_f < self.providers - 2 or self.krum_f == -1, "krum_f",
-            f"Krum needs n - f - 2 >= 1 neighbours, got f={self.krum_f} for "
-            f"{self.providers} providers")
-    integer("seed", 0, 2**31 - 1)
-    integer("batch_size", 1)
-    integer("probe_size", 1)
-    integer("max_train", 0)
-    real("bf16_fraction", 0.0, 1.0)
-    real("grad_noise", 0.0, 1.0, high_open=True)
-    require(isinstance(self.permute, bool), "permute",
-            f"must be true or false, got {self.permute!r}")
-    require(isinstance(self.attack_check, bool), "attack_check",
-            f"must be true or false, got {self.attack_check!r}")
-    require(isinstance(self.hostile, str), "hostile",
-            f"must be a string like '3:nan,5:wrong_shape', got {self.hostile!r}")
-    hostile_lib.parse_hostile(self.hostile, self.providers)
-    integer("devices", 0)
-    integer("memory_mb", 0)
-    if self.devices > 1:
-      require(self.providers % self.devices == 0, "devices",
-              f"{self.providers} providers do not split evenly over "
-              f"{self.devices} devices")
-    self.train_config().validate()
-    return self
+def validate(config: SimConfig) -> SimConfig:
+  """Every check that can be made without loading data: the config's own
+  fields and the names each stage knows (model, attack and its options,
+  metric, detector, hostile providers, optimizer and schedule)."""
+  config.validate()
+  model = config.model.name
+  require(model in models_lib.MODELS + (AUTO,), "model",
+          f"unknown model {model!r}; choose one of "
+          f"{', '.join(models_lib.MODELS + (AUTO,))}")
+  population_lib.validate_attack(config.attack)
+  require(config.detector.metric in METRICS, "metric",
+          f"unknown metric {config.detector.metric!r}; choose one of "
+          f"{', '.join(METRICS)}")
+  require(config.detector.name in detect_lib.DETECTORS, "detector",
+          f"unknown detector {config.detector.name!r}; choose one of "
+          f"{', '.join(detect_lib.DETECTORS)}")
+  hostile_lib.parse_hostile(config.protocol.hostile, config.protocol.providers)
+  train_config(config).validate()
+  return config
 
 
 def resolve(config: SimConfig, ds: data_lib.Dataset) -> SimConfig:
   """The config with "auto" model / attack made concrete for the dataset,
   checked against its modality (an image attack on text is a ConfigError)."""
   modality = ds.modality
-  model = DEFAULT_MODEL[modality] if config.model == AUTO else config.model
-  attack = DEFAULT_ATTACK[modality] if config.attack == AUTO else config.attack
+  model = (DEFAULT_MODEL[modality] if config.model.name == AUTO
+           else config.model.name)
   text_model = model in models_lib.TEXT_MODELS
   require(text_model == (modality == "text"), "model",
           f"{model} is {'a text' if text_model else 'an image'} model but "
           f"dataset {ds.name} holds "
           f"{'text' if modality == 'text' else 'images'}; use one of "
           f"{', '.join(models_lib.TEXT_MODELS if modality == 'text' else models_lib.IMAGE_MODELS)}")
-  family = ATTACK_FAMILY[modality]
-  require(attack in family.ATTACKS, "attack",
-          f"{attack} is not an attack on {modality} (dataset {ds.name}); use "
-          f"one of {', '.join(family.ATTACKS)}")
-  return dataclasses.replace(config, model=model, attack=attack)
-
-
-def make_behaviour(config: SimConfig, ds: data_lib.Dataset):
-  """The per-provider behaviour of a resolved config on its dataset."""
-  specs = attack_specs(config, ds.num_classes, ds.input_shape,
-                       vocab_size=len(ds.vocab) if ds.vocab else None)
-  if ds.modality == "text":
-    return text_attacks_lib.make_behaviour(specs, ds.input_shape,
-                                           ds.num_classes, len(ds.vocab),
-                                           seed=config.seed)
-  return attacks_lib.make_behaviour(specs, ds.input_shape, ds.num_classes,
-                                    seed=config.seed)
-
-
-def _text_attack_specs(config: SimConfig, num_classes: int, input_shape,
-                       vocab_size: int):
-  """Specs of the text attacks: each malicious provider draws its own
-  trigger tokens (and target unless --target_label is set)."""
-  overrides: dict[str, Any] = {"poison_rate": config.poison_rate}
-  if config.target_label >= 0:
-    overrides["target"] = config.target_label
-  if config.trigger_tokens and config.attack == "token":
-    overrides["count"] = config.trigger_tokens
-  if config.trigger_tokens and config.attack == "phrase":
-    overrides["length"] = config.trigger_tokens
-  if config.attack == "label_flip" and config.label_flip_source >= 0:
-    overrides["source"] = config.label_flip_source
-  specs = text_attacks_lib.population_specs(
-      config.providers, config.malicious, config.attack, own_backdoor=True,
-      num_classes=num_classes, seed=config.seed, **overrides)
-  for spec in specs:
-    if spec is not None:
-      text_attacks_lib.validate_spec(spec, input_shape, num_classes,
-                                     vocab_size)
-  return specs
-
-
-def attack_specs(config: SimConfig, num_classes: int, input_shape,
-                 vocab_size: int | None = None):
-  """Per-provider attack specs (None = benign) for a resolved config;
-  text attacks when `vocab_size` is given."""
-  if vocab_size is not None:
-    return _text_attack_specs(config, num_classes, input_shape, vocab_size)
-  overrides: dict[str, Any] = {"poison_rate": config.poison_rate}
-  if config.target_label >= 0:
-    overrides["target"] = config.target_label
-  if config.attack in ("badnets", "scaling"):
-    overrides.update(size=config.trigger_size,
-                     location=config.trigger_location)
-    if config.trigger_location != "random":
-      overrides["pattern"] = "checkerboard"
-  if config.attack == "blend":
-    overrides["alpha"] = config.blend_alpha
-  if config.attack == "scaling":
-    overrides["factor"] = config.scale_factor
-  if config.attack == "warp":
-    overrides["strength"] = config.warp_strength
-  if config.attack == "label_flip" and config.label_flip_source >= 0:
-    overrides["source"] = config.label_flip_source
-  specs = attacks_lib.population_specs(
-      config.providers, config.malicious, config.attack,
-      own_backdoor=True, num_classes=num_classes, seed=config.seed,
-      **overrides)
-  for spec in specs:
-    if spec is not None:
-      attacks_lib.validate_spec(spec, input_shape, num_classes)
-  return specs
+  attack = population_lib.resolve_attack(config.attack.name, modality, ds.name)
+  config = config.replace(model=model, attack=attack)
+  return dataclasses.replace(
+      config, attack=population_lib.with_defaults(config.attack))
 
 
 def _take(tree, i):
@@ -417,7 +224,7 @@ class SimResult:
         "flagged": bool(self.flags[i]),
         "flagged_at_subrun": (int(self.flagged_at[i])
                               if self.flagged_at[i] >= 0 else None),
-        "flag_reason": (self.reasons.get(i, f"{self.config.detector} on "
+        "flag_reason": (self.reasons.get(i, f"{self.config.detector.name} on "
                                             f"{self.config.metric}")
                         if self.flagged_at[i] >= 0 else None),
         "score": _finite_or_none(self.scores[i]),
@@ -433,20 +240,6 @@ def _mean_or_nan(x) -> float:
 def _finite_or_none(v):
   v = float(v)
   return v if math.isfinite(v) else None
-
-
-def _client_asr(model, params, model_state, behaviour, ds, malicious):
-  """ASR of one model against every malicious provider's trigger."""
-  n = behaviour.size
-  if not malicious.any():
-    return float("nan"), []
-  stack = lambda t: jax.tree_util.tree_map(
-      lambda a: jnp.broadcast_to(a, (n, *a.shape)), t)
-  asr = ATTACK_FAMILY[ds.modality].attack_success_rate(
-      model, stack(params), stack(model_state), behaviour, ds.x_test,
-      ds.y_test)
-  per = asr[malicious]
-  return float(per.max()), [float(a) for a in per]
 
 
 def memory_plan(config: SimConfig, trainer, behaviour, div, x_train, y_train,
@@ -481,7 +274,7 @@ def run(config: SimConfig, *, progress: bool = True,
         dataset: data_lib.Dataset | None = None,
         record_metrics: tuple[str, ...] = (),
         workdir: str | None = None, resume: bool = True,
-        behaviour: attacks_lib.Behaviour | None = None,
+        behaviour: Any = None,
         hooks: train_lib.Hooks | None = None,
         behaviour_for_subrun: Any = None) -> SimResult:
   """Runs one simulation end to end (see module docstring).
@@ -502,7 +295,7 @@ def run(config: SimConfig, *, progress: bool = True,
       default it is built from config.attack / malicious. Its malicious count
       must equal config.malicious.
     hooks: custom trainer hooks for `behaviour` (default
-      `attacks.make_hooks(behaviour)`).
+      the family's `make_hooks(behaviour)`).
     behaviour_for_subrun: optional host-side function
       (behaviour, subrun index) -> behaviour used for that sub-run (same
       shapes, so no recompilation), e.g. an attacker that poisons only some
@@ -511,13 +304,13 @@ def run(config: SimConfig, *, progress: bool = True,
   for m in record_metrics:
     require(m in METRICS, "record_metrics",
             f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
-  config.validate()
+  validate(config)
   t0 = time.perf_counter()
   ds = dataset if dataset is not None else data_lib.load_dataset(
       config.dataset, config.data_dir, max_train=config.max_train or None,
       max_len=config.max_len, vocab_size=config.vocab_size)
   config = resolve(config, ds)
-  family = ATTACK_FAMILY[ds.modality]
+  family = population_lib.family(ds.modality)
   n, k = config.providers, config.subrun_steps
   train_lib.check_population_args(n, k, config.batch_size, ds.x_train.shape[0])
   if config.target_label >= ds.num_classes:
@@ -525,20 +318,20 @@ def run(config: SimConfig, *, progress: bool = True,
                       f"(or -1), got {config.target_label}")
   hostile = hostile_lib.parse_hostile(config.hostile, n)
   if behaviour is None:
-    behaviour = make_behaviour(config, ds)
+    behaviour = population_lib.make_behaviour(config, ds)
   require(behaviour.size == n, "behaviour",
           f"has {behaviour.size} providers, config has {n}")
   malicious = behaviour.malicious
   require(int(malicious.sum()) == config.malicious, "behaviour",
           f"has {int(malicious.sum())} malicious providers, config says "
           f"{config.malicious}")
-  model = models_lib.get_model(config.model, ds.num_classes, ds.input_shape,
+  model = models_lib.get_model(config.model.name, ds.num_classes, ds.input_shape,
                                vocab_size=len(ds.vocab) if ds.vocab else None)
   trainer = train_lib.make_trainer(
-      model, config.train_config(), config.divergence_config(),
+      model, train_config(config), config.divergence,
       hooks if hooks is not None else family.make_hooks(behaviour))
   full_behaviour = behaviour
-  div = div_lib.make_divergence(config.divergence_config(), n, config.seed)
+  div = div_lib.make_divergence(config.divergence, n, config.seed)
   x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   probe_x = jnp.asarray(ds.x_test[:config.probe_size])
   mesh = None
@@ -572,9 +365,9 @@ def run(config: SimConfig, *, progress: bool = True,
       out_ = sharding_lib.sharded_sub_run(trainer, mesh, *args)
     return sharding_lib.to_host(out_) if gather else out_
 
-  root = jax.random.key(config.seed)
+  root = rng.root(config.seed)
   num_subruns = config.num_subruns
-  replicated = np.sort(np.random.default_rng([config.seed, 0x5EED]).choice(
+  replicated = np.sort(rng.replicated(config.seed).choice(
       num_subruns, config.replicated, replace=False))
   krum_f = None if config.krum_f < 0 else config.krum_f
 
@@ -602,7 +395,7 @@ def run(config: SimConfig, *, progress: bool = True,
                  else behaviour_for_subrun(full_behaviour, s))
     schedule = jnp.asarray(data_lib.batch_schedule(
         config.seed, s, k, config.batch_size, ds.x_train.shape[0]))
-    keys = train_lib.provider_keys(jax.random.fold_in(root, 1000 + s), n)
+    keys = rng.provider_keys(rng.subrun(root, s), n)
     client = st["client"]
     start = trainer.replicate(client["params"], client["model_state"], n,
                               opt_state=client["opt_state"])
@@ -618,19 +411,19 @@ def run(config: SimConfig, *, progress: bool = True,
     active = active & ~np.isin(np.arange(n), list(reasons))
     returned = hostile_lib.neutralize(returned, list(reasons))
     out = out._replace(params=returned)
-    assign = np.random.default_rng([config.seed, 0xA551, s])
+    assign = rng.assignment(config.seed, s)
     chosen = None
     if s in replicated and active.sum() >= 2:
       r = meta["replicated_done"]
-      key = jax.random.fold_in(root, 2000 + s)
+      key = rng.distance(root, s)
       d = model_distances(config, model, client["params"], out, probe_x, key,
                           mesh)
       st["matrices"][r], st["members"][r] = d, active
       for m in record_metrics:
         st["recorded"][m][r] = d if m == config.metric else model_distances(
-            dataclasses.replace(config, metric=m), model, client["params"],
+            config.replace(metric=m), model, client["params"],
             out, probe_x, key, mesh)
-      if config.detector == "median" or record_metrics:
+      if config.detector.name == "median" or record_metrics:
         rows = train_lib.flatten_population(
             dist_lib.updates(client["params"], out.params))
         st["median"][r] = np.asarray(detect_lib.median_distances(
@@ -641,7 +434,7 @@ def run(config: SimConfig, *, progress: bool = True,
       meta["replicated_done"] = r + 1
       evidence = detect_lib.Evidence(list(st["matrices"][:r + 1]),
                                      list(st["members"][:r + 1]))
-      verdict = detect_lib.detect(config.detector, evidence, n,
+      verdict = detect_lib.detect(config.detector.name, evidence, n,
                                   alpha=config.alpha, krum_f=krum_f,
                                   ks_margin=config.ks_margin,
                                   median_evidence=list(st["median"][:r + 1]))
@@ -666,7 +459,7 @@ def run(config: SimConfig, *, progress: bool = True,
                       "opt_state": _take(out.opt_state, chosen),
                       "model_state": _take(out.model_state, chosen)}
     # No defense: one provider drawn among all, accepted unchecked.
-    who = int(np.random.default_rng([config.seed, 0x0DEF, s]).integers(n))
+    who = int(rng.no_defense(config.seed, s).integers(n))
     nodef = st["nodef"]
     single = trainer.replicate(nodef["params"], nodef["model_state"], 1,
                                opt_state=nodef["opt_state"])
@@ -748,7 +541,7 @@ def _initial_state(config: SimConfig, model, trainer, root,
                    record_metrics) -> dict:
   """The protocol state before the first sub-run (a checkpointable pytree)."""
   n, m = config.providers, config.replicated
-  params, model_state = model.init(jax.random.fold_in(root, 0))
+  params, model_state = model.init(rng.model_init(root))
   client = {"params": params, "opt_state": trainer.optimizer.init(params),
             "model_state": model_state}
   st = {
@@ -773,7 +566,7 @@ def _final_model_report(model, state, behaviour, ds, malicious) -> dict:
   one = lambda t: jax.tree_util.tree_map(lambda a: a[None], t)
   acc = float(train_lib.evaluate(model, one(params), one(model_state),
                                  ds.x_test, ds.y_test)[0])
-  worst, per = _client_asr(model, params, model_state, behaviour, ds,
+  worst, per = population_lib.client_asr(model, params, model_state, behaviour, ds,
                            malicious)
   return {"clean_accuracy": acc, "attack_success_rate": worst,
           "attack_success_rate_per_trigger": per}

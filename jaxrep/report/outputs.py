@@ -11,6 +11,7 @@ import tempfile
 
 import numpy as np
 
+from jaxrep.core import version
 from jaxrep.detect import metrics as metrics_lib
 
 
@@ -20,8 +21,7 @@ def versions() -> dict:
   import jax
   import jaxlib
   import optax
-  import jaxrep
-  return {"jaxrep": jaxrep.__version__, "jax": jax.__version__,
+  return {"jaxrep": version.__version__, "jax": jax.__version__,
           "jaxlib": jaxlib.__version__, "flax": flax.__version__,
           "optax": optax.__version__, "python": platform.python_version(),
           "device_kind": jax.devices()[0].device_kind,
@@ -49,7 +49,7 @@ def _clean(obj):
 
 def results_dict(result) -> dict:
   return _clean({
-      "config": dataclasses.asdict(result.config),
+      "config": result.config.flat(),
       "providers": result.providers(),
       "summary": result.summary(),
       "client": {"with_defense": result.client,
@@ -184,7 +184,7 @@ def write_plots(result, out_dir: str) -> list[str]:
   ax.plot([0, 1], [0, 1], "k:", lw=0.8)
   ax.set_xlabel("false positive rate")
   ax.set_ylabel("true positive rate")
-  ax.set_title(f"{cfg.detector} scores on {cfg.metric}", fontsize=10)
+  ax.set_title(f"{cfg.detector.name} scores on {cfg.metric}", fontsize=10)
   ax.legend(loc="lower right", fontsize=8)
   fig.tight_layout()
   paths.append(os.path.join(out_dir, "roc.png"))
@@ -205,9 +205,9 @@ def summary_table(result) -> str:
   cfg = result.config
   lines = [
       f"jaxrep: {cfg.providers} providers ({cfg.malicious} malicious, "
-      f"{cfg.attack}), {cfg.dataset}/{cfg.model}, {cfg.steps} steps in "
+      f"{cfg.attack.name}), {cfg.dataset}/{cfg.model.name}, {cfg.steps} steps in "
       f"sub-runs of {cfg.subrun_steps}, {cfg.replicated} replicated, "
-      f"{cfg.metric} + {cfg.detector} (alpha {cfg.alpha})",
+      f"{cfg.metric} + {cfg.detector.name} (alpha {cfg.alpha})",
       "",
       f"  detection     TPR {_fmt(s['tpr'], True):>8}   FPR "
       f"{_fmt(s['fpr'], True):>8}   AUROC {_fmt(round(s['auroc'], 4) if s['auroc'] == s['auroc'] else None)}",

@@ -31,7 +31,8 @@ def _manager(workdir: str) -> ocp.CheckpointManager:
 
 
 def config_dict(config) -> dict:
-  return json.loads(json.dumps(dataclasses.asdict(config)))
+  flat = config.flat() if hasattr(config, "flat") else dataclasses.asdict(config)
+  return json.loads(json.dumps(flat))
 
 
 class Checkpointer:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxrep.population import divergence as div_lib
+from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import ConfigError, require
 from jaxrep.models.zoo import Model
 
@@ -164,9 +165,7 @@ def _stack(tree, n):
       lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
 
 
-def provider_keys(key, n: int) -> jax.Array:
-  """Per-provider keys; provider i's key does not depend on n."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+provider_keys = rng_lib.provider_keys
 
 
 def make_trainer(model: Model, config: TrainConfig,
@@ -235,7 +234,7 @@ def make_trainer(model: Model, config: TrainConfig,
     def body(carry, inputs):
       params, opt_state, model_state = carry
       t, idx = inputs
-      step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
+      step_keys = jax.vmap(lambda k: rng_lib.step(k, t))(keys)
       params, opt_state, model_state, loss = step(
           params, opt_state, model_state, x_train[idx], y_train[idx],
           step_keys, div, behaviour)

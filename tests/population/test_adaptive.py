@@ -198,7 +198,7 @@ def test_cluster_detector_tie_and_anchor():
 
 def test_protocol_run_with_adaptive_providers(digits):
   """Constrained at c = 1 evades KS; a plain backdoor beside it does not."""
-  cfg = protocol.SimConfig(providers=6, malicious=2, steps=40,
+  cfg = protocol.SimConfig.from_flat(providers=6, malicious=2, steps=40,
                            subrun_steps=20, replicated=2, attack_check=False,
                            probe_size=32)
   cal = adaptive.calibrate(cfg, digits)

@@ -129,7 +129,7 @@ def test_main_job_on_two_hosts_matches_one_host(tmp_path):
   import json
   multi = json.loads((tmp_path / "results.json").read_text())
   assert multi["notes"][-1] == "multi-host: 2 processes, not checkpointed"
-  single = report.results_dict(protocol.run(protocol.SimConfig(**CLI),
+  single = report.results_dict(protocol.run(protocol.SimConfig.from_flat(**CLI),
                                             progress=False))
   assert jax.device_count() == 8
   assert multi["providers"] == single["providers"]

@@ -249,8 +249,8 @@ def test_protocol_on_8_devices_matches_one_device():
   ds = data_lib.load_dataset("digits")
   base = dict(providers=8, malicious=2, steps=40, subrun_steps=20,
               replicated=2, poison_rate=0.3, attack_check=False)
-  one = protocol.run(protocol.SimConfig(**base), progress=False, dataset=ds)
-  eight = protocol.run(protocol.SimConfig(devices=8, **base), progress=False,
+  one = protocol.run(protocol.SimConfig.from_flat(**base), progress=False, dataset=ds)
+  eight = protocol.run(protocol.SimConfig.from_flat(devices=8, **base), progress=False,
                        dataset=ds)
   np.testing.assert_array_equal(one.flags, eight.flags)
   assert eight.flags[:2].all() and not eight.flags[2:].any()
