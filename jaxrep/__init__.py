@@ -15,7 +15,8 @@ Data flows one way:
 from jaxrep.core.version import __version__
 
 from jaxrep.core.errors import ConfigError
-from jaxrep.data.datasets import Dataset, batch_schedule, load_dataset
+from jaxrep.data.datasets import Dataset, load_dataset
+from jaxrep.train.schedule import batch_schedule
 from jaxrep.population.divergence import Divergence, DivergenceConfig, make_divergence
 from jaxrep.models.zoo import (IMAGE_MODELS, MODELS, TEXT_MODELS, Model,
                            get_model, num_params)

@@ -64,6 +64,7 @@ from jaxrep.population import divergence as div_lib
 from jaxrep.models import zoo as models_lib
 from jaxrep.train import trainer as train_lib
 from jaxrep.core import rng as rng_lib
+from jaxrep.train import schedule as schedule_lib
 from jaxrep.core.errors import require
 
 ADAPTIVE = ("low_rate", "sporadic", "constrained", "mimicry", "collusion")
@@ -358,7 +359,7 @@ def calibrate(config, dataset: data_lib.Dataset, *, subrun: int = 0,
   root = rng_lib.root(config.seed)
   params, model_state = model.init(rng_lib.model_init(root))
   pop = trainer.replicate(params, model_state, n)
-  schedule = jnp.asarray(data_lib.batch_schedule(
+  schedule = jnp.asarray(schedule_lib.batch_schedule(
       config.seed, subrun, config.subrun_steps, config.batch_size,
       dataset.x_train.shape[0]))
   keys = rng_lib.provider_keys(rng_lib.subrun(root, subrun), n)

@@ -58,6 +58,7 @@ from jaxrep.train import trainer as train_lib
 from jaxrep import config as config_lib
 from jaxrep.config import SimConfig
 from jaxrep.core import rng
+from jaxrep.train import schedule as schedule_lib
 from jaxrep.core.errors import ConfigError, require
 
 METRICS = ("l2", "cosine", "l1", "linf", "output", "cka", "zest")
@@ -393,7 +394,7 @@ def run(config: SimConfig, *, progress: bool = True,
   for s in range(meta["next_subrun"], num_subruns):
     behaviour = (full_behaviour if behaviour_for_subrun is None
                  else behaviour_for_subrun(full_behaviour, s))
-    schedule = jnp.asarray(data_lib.batch_schedule(
+    schedule = jnp.asarray(schedule_lib.batch_schedule(
         config.seed, s, k, config.batch_size, ds.x_train.shape[0]))
     keys = rng.provider_keys(rng.subrun(root, s), n)
     client = st["client"]

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from jaxrep.population import adaptive
+
+from jaxrep.train.schedule import batch_schedule
 from jaxrep.population import image_attacks as attacks
 from jaxrep.data import datasets as data
 from jaxrep.detect import detectors as detect
@@ -32,7 +34,7 @@ def world(digits):
   cfg = train.TrainConfig(learning_rate=0.05, total_steps=100)
   plain = train.make_trainer(model, cfg)
   pop = plain.init(jax.random.key(0), N)
-  schedule = jnp.asarray(data.batch_schedule(0, 0, K, 32,
+  schedule = jnp.asarray(batch_schedule(0, 0, K, 32,
                                              len(digits.y_train)))
   keys = train.provider_keys(jax.random.key(1), N)
   div = divergence.make_divergence(divergence.DivergenceConfig(), N)

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from jaxrep.population import image_attacks as A
+
+from jaxrep.train.schedule import batch_schedule
 from jaxrep.data import datasets as data_lib
 from jaxrep.population import divergence as div_lib
 from jaxrep.models import zoo as models
@@ -31,7 +33,7 @@ def _train_full(ds, specs, steps=400, k=20, seed=0):
   x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   div = div_lib.make_divergence(div_lib.DivergenceConfig(), n)
   for s in range(steps // k):
-    schedule = jnp.asarray(data_lib.batch_schedule(seed, s, k, 32, len(y)))
+    schedule = jnp.asarray(batch_schedule(seed, s, k, 32, len(y)))
     pop, _ = trainer.sub_run(pop, x, y, schedule,
                              train.provider_keys(jax.random.key(s), n), div,
                              behaviour)
@@ -89,7 +91,7 @@ def test_mixed_population_of_256_is_one_compiled_sub_run(digits):
   x, y = jnp.asarray(digits.x_train), jnp.asarray(digits.y_train)
   div = div_lib.make_divergence(div_lib.DivergenceConfig(), 256)
   for s in range(2):
-    schedule = jnp.asarray(data_lib.batch_schedule(0, s, 2, 32, len(y)))
+    schedule = jnp.asarray(batch_schedule(0, s, 2, 32, len(y)))
     pop, losses = trainer.sub_run(pop, x, y, schedule,
                                   train.provider_keys(jax.random.key(s), 256),
                                   div, behaviour)

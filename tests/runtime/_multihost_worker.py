@@ -24,6 +24,8 @@ def compute(mesh) -> dict:
   import numpy as np
 
   from jaxrep.population import image_attacks as A
+
+  from jaxrep.train.schedule import batch_schedule
   from jaxrep.data import datasets as data_lib
   from jaxrep.distances import kernels as distances
   from jaxrep.models import zoo as models
@@ -39,7 +41,7 @@ def compute(mesh) -> dict:
                                div_lib.DivergenceConfig(),
                                A.make_hooks(behaviour))
   pop = trainer.init(jax.random.key(0), N)
-  schedule = data_lib.batch_schedule(0, 0, K, 32, len(ds.y_train))
+  schedule = batch_schedule(0, 0, K, 32, len(ds.y_train))
   keys = train.provider_keys(jax.random.key(1), N)
   div = div_lib.make_divergence(div_lib.DivergenceConfig(), N)
   out, losses = sharding.sharded_sub_run(trainer, mesh, pop, ds.x_train,

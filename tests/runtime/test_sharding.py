@@ -13,6 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxrep.population import image_attacks as A
+
+from jaxrep.train.schedule import batch_schedule
 from jaxrep.data import datasets as data_lib
 from jaxrep.distances import kernels as distances
 from jaxrep.runtime import memory
@@ -42,7 +44,7 @@ def setup():
                                A.make_hooks(behaviour))
   pop = trainer.init(jax.random.key(0), N)
   args = (pop, jnp.asarray(ds.x_train), jnp.asarray(ds.y_train),
-          jnp.asarray(data_lib.batch_schedule(0, 0, K, 32,
+          jnp.asarray(batch_schedule(0, 0, K, 32,
                                               len(ds.y_train))),
           train.provider_keys(jax.random.key(1), N),
           div_lib.make_divergence(div_lib.DivergenceConfig(), N), behaviour)

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from jaxrep.data import datasets as data_lib
+
+from jaxrep.train.schedule import batch_schedule
 from jaxrep.distances import kernels as distances
 from jaxrep.population import divergence as div_lib
 from jaxrep.models import zoo as models
@@ -24,7 +26,7 @@ def digits():
 
 def _run(trainer, pop, ds, n, subrun, k=10, batch=32, seed=0, div=None,
          behaviour=None):
-  schedule = jnp.asarray(data_lib.batch_schedule(seed, subrun, k, batch,
+  schedule = jnp.asarray(batch_schedule(seed, subrun, k, batch,
                                                  ds.x_train.shape[0]))
   keys = train.provider_keys(jax.random.fold_in(jax.random.key(seed), subrun), n)
   div = div_lib.make_divergence(div_lib.DivergenceConfig(), n) if div is None else div
@@ -99,7 +101,7 @@ def test_no_divergence_equals_independent_single_provider_runs(digits):
   pop = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *pops)
   out, _ = _run(trainer, pop, digits, n, subrun=0, k=k, div=div_lib.zeros(n))
 
-  schedule = data_lib.batch_schedule(0, 0, k, 32, digits.x_train.shape[0])
+  schedule = batch_schedule(0, 0, k, 32, digits.x_train.shape[0])
   step = jax.jit(trainer.single_step)
   keys = train.provider_keys(jax.random.fold_in(jax.random.key(0), 0), n)
   for i in range(n):
