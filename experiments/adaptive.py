@@ -42,7 +42,8 @@ from jaxrep.population import adaptive
 from jaxrep.data import datasets as data_lib
 from jaxrep.detect import detectors as detect
 from jaxrep.detect import metrics
-from jaxrep.protocol import loop as protocol
+from jaxrep import protocol
+from jaxrep.config import SimConfig
 from jaxrep.report.outputs import versions, write_json_atomic
 
 KNOBS = {
@@ -195,7 +196,7 @@ def plot_attack(table, attack, path):
 def evasion(args, ds) -> dict:
   rows = []
   for seed in args.seeds:
-    cfg = protocol.SimConfig.from_flat(seed=seed, malicious=args.attackers,
+    cfg = SimConfig.from_flat(seed=seed, malicious=args.attackers,
                              probe_size=64, **args.setting)
     cal = adaptive.calibrate(cfg, ds)
     print(f"[seed {seed}] calibration: benign distance {cal.distance:.3g}, "
@@ -253,7 +254,7 @@ def sensitivity(args, ds) -> dict:
   noise = [0.0, 1e-3, 1e-2, 0.1, 0.3] if not args.quick else [0.0, 0.1]
   bf16 = [0.0, 0.25, 0.5, 1.0] if not args.quick else [0.0, 0.25]
   for seed in args.seeds:
-    base = protocol.SimConfig.from_flat(seed=seed, attack_check=False, probe_size=64,
+    base = SimConfig.from_flat(seed=seed, attack_check=False, probe_size=64,
                               **args.setting)
     for g in noise:
       r = sens_point(base.replace(grad_noise=g), ds)

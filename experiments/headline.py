@@ -32,7 +32,8 @@ import numpy as np
 from jaxrep.data import datasets as data_lib
 from jaxrep.detect import detectors as detect
 from jaxrep.detect import metrics
-from jaxrep.protocol import loop as protocol
+from jaxrep import protocol
+from jaxrep.config import SimConfig
 from jaxrep.report.outputs import versions, write_json_atomic
 
 SETTINGS = {
@@ -98,7 +99,7 @@ def main(argv=None):
         setting["attack"] = args.attack
       if args.quick:
         setting.update(steps=100, replicated=2)
-      cfg = protocol.SimConfig.from_flat(
+      cfg = SimConfig.from_flat(
           providers=args.providers, malicious=args.providers // 2,
           seed=seed, alpha=args.alpha,
           ks_margin=args.ks_margin, probe_size=128, **setting)

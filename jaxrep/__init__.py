@@ -30,7 +30,8 @@ from jaxrep.distances.kernels import (cka_distances, output_distances,
                               pairwise_distances, updates, zest_distances)
 from jaxrep.detect.detectors import DETECTORS, Evidence, Verdict
 from jaxrep.detect.metrics import auroc, fpr, roc_curve, tpr
-from jaxrep.protocol.loop import METRICS, SimConfig, SimResult, replay, run
+from jaxrep.config import SimConfig
+from jaxrep.protocol import METRICS, SimResult, replay, run
 from jaxrep.population.text_attacks import PhraseTrigger, TextBehaviour, TokenTrigger
 from jaxrep.population import adaptive
 from jaxrep.runtime import distributed

@@ -25,7 +25,7 @@ from absl import app, flags, logging
 
 from jaxrep import config as config_lib
 from jaxrep.population import build as population_lib
-from jaxrep.protocol import loop as protocol
+from jaxrep import protocol
 from jaxrep.core.errors import ConfigError
 
 FLAGS = flags.FLAGS

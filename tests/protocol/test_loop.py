@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from jaxrep.data import datasets as data_lib
-from jaxrep.protocol import loop as protocol
+from jaxrep import protocol
+from jaxrep.runtime import memory as memory_lib
+from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -25,7 +27,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def small_run(digits):
-  return protocol.run(protocol.SimConfig.from_flat(**SMALL), progress=False,
+  return protocol.run(SimConfig.from_flat(**SMALL), progress=False,
                       dataset=digits)
 
 
@@ -56,7 +58,7 @@ def test_attack_check_shows_the_backdoors_work(small_run):
 
 
 def test_same_config_same_results(digits, small_run):
-  again = protocol.run(protocol.SimConfig.from_flat(**SMALL), progress=False,
+  again = protocol.run(SimConfig.from_flat(**SMALL), progress=False,
                        dataset=digits)
   a, b = small_run.summary(), again.summary()
   a.pop("wall_seconds"), b.pop("wall_seconds")
@@ -67,7 +69,7 @@ def test_same_config_same_results(digits, small_run):
 @pytest.mark.parametrize("metric", ["cosine", "l1", "linf", "output", "cka",
                                     "zest"])
 def test_every_metric_runs_in_the_protocol(digits, metric):
-  cfg = protocol.SimConfig.from_flat(providers=5, malicious=1, steps=40, subrun_steps=20,
+  cfg = SimConfig.from_flat(providers=5, malicious=1, steps=40, subrun_steps=20,
                            replicated=1, metric=metric, poison_rate=0.3,
                            attack_check=False, probe_size=64)
   r = protocol.run(cfg, progress=False, dataset=digits)
@@ -81,7 +83,7 @@ def test_every_metric_runs_in_the_protocol(digits, metric):
 
 @pytest.mark.parametrize("detector", ["zscore", "krum", "multikrum", "median"])
 def test_every_detector_runs_in_the_protocol(digits, detector):
-  cfg = protocol.SimConfig.from_flat(providers=8, malicious=1, steps=40,
+  cfg = SimConfig.from_flat(providers=8, malicious=1, steps=40,
                            subrun_steps=20, replicated=2, detector=detector,
                            poison_rate=0.3, attack_check=False, krum_f=1)
   r = protocol.run(cfg, progress=False, dataset=digits)
@@ -113,18 +115,18 @@ def test_medoid_picks_the_central_member():
 ])
 def test_bad_config_is_rejected_naming_the_field(kwargs, field):
   with pytest.raises(ConfigError, match=f"^{field}"):
-    protocol.validate(protocol.SimConfig.from_flat(**kwargs))
+    protocol.validate(SimConfig.from_flat(**kwargs))
 
 
 def test_data_dependent_errors_come_before_training(digits):
   with pytest.raises(ConfigError, match="target_label"):
-    protocol.run(protocol.SimConfig.from_flat(target_label=10), progress=False,
+    protocol.run(SimConfig.from_flat(target_label=10), progress=False,
                  dataset=digits)
   with pytest.raises(ConfigError, match="trigger_size|size"):
-    protocol.run(protocol.SimConfig.from_flat(trigger_size=9), progress=False,
+    protocol.run(SimConfig.from_flat(trigger_size=9), progress=False,
                  dataset=digits)
   with pytest.raises(ConfigError, match="batch_size"):
-    protocol.run(protocol.SimConfig.from_flat(batch_size=5000), progress=False,
+    protocol.run(SimConfig.from_flat(batch_size=5000), progress=False,
                  dataset=digits)
 
 
@@ -191,7 +193,7 @@ MEM = dict(providers=6, malicious=2, steps=40, subrun_steps=20, replicated=1,
 
 
 def test_population_that_does_not_fit_is_trained_in_chunks(digits):
-  whole = protocol.run(protocol.SimConfig.from_flat(**MEM), progress=False,
+  whole = protocol.run(SimConfig.from_flat(**MEM), progress=False,
                        dataset=digits)
   assert whole.memory["chunks"] == 1
   est = whole.memory["estimate_mib"]
@@ -200,8 +202,8 @@ def test_population_that_does_not_fit_is_trained_in_chunks(digits):
   need_half = (est["train_set"] + est["resident"]
                + max(est["distances"], est["subrun"] / 2))
   assert est["subrun"] > est["distances"]       # else the test is moot
-  budget_mb = int(np.ceil(need_half / protocol.memory_lib.DEFAULT_SAFETY)) + 1
-  chunked = protocol.run(protocol.SimConfig.from_flat(**MEM, memory_mb=budget_mb),
+  budget_mb = int(np.ceil(need_half / memory_lib.DEFAULT_SAFETY)) + 1
+  chunked = protocol.run(SimConfig.from_flat(**MEM, memory_mb=budget_mb),
                          progress=False, dataset=digits)
   assert chunked.memory["chunks"] >= 2, chunked.memory
   assert chunked.memory["estimated_peak_mib"] <= chunked.memory["budget_mib"]

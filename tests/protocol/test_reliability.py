@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jaxrep.data import datasets as data_lib
 from jaxrep.protocol import hostile
-from jaxrep.protocol import loop as protocol
+from jaxrep import protocol
+from jaxrep.config import SimConfig
 from jaxrep.report import outputs as report
 from jaxrep.core.errors import ConfigError
 from jaxrep import config as config_lib
@@ -75,10 +76,10 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tmp_path):
 
 def test_resuming_with_another_config_is_refused(tmp_path):
   ds = data_lib.load_dataset("digits")
-  cfg = protocol.SimConfig.from_flat(providers=4, malicious=1, steps=40, replicated=1,
+  cfg = SimConfig.from_flat(providers=4, malicious=1, steps=40, replicated=1,
                            attack_check=False)
   protocol.run(cfg, progress=False, dataset=ds, workdir=str(tmp_path))
-  other = protocol.SimConfig.from_flat(providers=4, malicious=1, steps=40, replicated=1,
+  other = SimConfig.from_flat(providers=4, malicious=1, steps=40, replicated=1,
                              attack_check=False, seed=4)
   with pytest.raises(ConfigError, match="another config.*seed"):
     protocol.run(other, progress=False, dataset=ds, workdir=str(tmp_path))
@@ -108,8 +109,8 @@ def test_hostile_providers_are_flagged_with_reasons_and_harm_no_one():
   ds = data_lib.load_dataset("digits")
   base = dict(providers=10, malicious=2, steps=100, subrun_steps=20,
               replicated=2, poison_rate=0.2, attack_check=False)
-  clean = protocol.run(protocol.SimConfig.from_flat(**base), progress=False, dataset=ds)
-  bad = protocol.run(protocol.SimConfig.from_flat(
+  clean = protocol.run(SimConfig.from_flat(**base), progress=False, dataset=ds)
+  bad = protocol.run(SimConfig.from_flat(
       **base, hostile="5:nan,6:inf,7:diverged,8:wrong_shape"),
       progress=False, dataset=ds)
   reasons = {i: p["flag_reason"] for i, p in enumerate(bad.providers())}
@@ -197,7 +198,7 @@ _FIELDS = {
 @given(st.fixed_dictionaries({}, optional=_FIELDS))
 def test_fuzz_config_validation_is_clean(fields):
   try:
-    protocol.validate(protocol.SimConfig.from_flat(**fields))
+    protocol.validate(SimConfig.from_flat(**fields))
   except ConfigError as e:
     field = str(e).split(":")[0]
     assert field in KNOWN_FLAGS or field in (
@@ -224,7 +225,7 @@ _DIGITS = None
 def test_fuzz_valid_configs_run_or_fail_cleanly(fields):
   global _DIGITS
   _DIGITS = _DIGITS or data_lib.load_dataset("digits")
-  cfg = protocol.SimConfig.from_flat(attack_check=False, **fields)
+  cfg = SimConfig.from_flat(attack_check=False, **fields)
   try:
     protocol.validate(cfg)
     r = protocol.run(cfg, progress=False, dataset=_DIGITS)

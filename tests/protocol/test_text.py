@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from jaxrep.data import datasets as data_lib
-from jaxrep.protocol import loop as protocol
+from jaxrep import protocol
+from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +31,7 @@ OTHER_METRICS = ("cosine", "output", "cka", "zest")
 def text_run(corpus):
   """Phrase-trigger providers; every metric kind recorded on the same
   sub-runs. (The token attack runs in the main-job test below.)"""
-  return protocol.run(protocol.SimConfig.from_flat(**SMALL, attack="phrase"),
+  return protocol.run(SimConfig.from_flat(**SMALL, attack="phrase"),
                       progress=False, dataset=corpus,
                       record_metrics=OTHER_METRICS)
 
@@ -65,17 +66,17 @@ def test_every_metric_kind_separates_on_text(text_run, metric):
 ])
 def test_image_choices_on_text_are_refused(corpus, kwargs, field):
   with pytest.raises(ConfigError, match=f"^{field}"):
-    protocol.run(protocol.SimConfig.from_flat(**dict(SMALL, **kwargs)), progress=False,
+    protocol.run(SimConfig.from_flat(**dict(SMALL, **kwargs)), progress=False,
                  dataset=corpus)
 
 
 def test_text_choices_on_images_are_refused():
   digits = data_lib.load_dataset("digits")
   with pytest.raises(ConfigError, match="^model"):
-    protocol.run(protocol.SimConfig.from_flat(model="text_cnn"), progress=False,
+    protocol.run(SimConfig.from_flat(model="text_cnn"), progress=False,
                  dataset=digits)
   with pytest.raises(ConfigError, match="^attack"):
-    protocol.run(protocol.SimConfig.from_flat(attack="phrase"), progress=False,
+    protocol.run(SimConfig.from_flat(attack="phrase"), progress=False,
                  dataset=digits)
 
 
@@ -109,7 +110,7 @@ def test_text_run_split_over_devices_matches(corpus, text_run):
   """The same run with the providers split over 2 devices: same flags, the
   same distances to float32 rounding for every metric kind (benign-benign
   entries are themselves rounding differences and are not compared)."""
-  split = protocol.run(protocol.SimConfig.from_flat(**SMALL, attack="phrase",
+  split = protocol.run(SimConfig.from_flat(**SMALL, attack="phrase",
                                           devices=2),
                        progress=False, dataset=corpus,
                        record_metrics=OTHER_METRICS)
