@@ -24,9 +24,11 @@ import sys
 from absl import app, flags, logging
 
 from jaxrep import config as config_lib
+from jaxrep import report
 from jaxrep.population import build as population_lib
 from jaxrep import protocol
 from jaxrep.core.errors import ConfigError
+from jaxrep.runtime import distributed
 
 FLAGS = flags.FLAGS
 
@@ -94,8 +96,6 @@ def main(argv) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  from jaxrep.runtime import distributed
-  from jaxrep.report import outputs as report
   try:
     config = protocol.validate(config_from_flags())
     multi = distributed.initialize(FLAGS.coordinator_address,

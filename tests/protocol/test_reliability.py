@@ -16,7 +16,7 @@ from jaxrep.data import datasets as data_lib
 from jaxrep.protocol import hostile
 from jaxrep import protocol
 from jaxrep.config import SimConfig
-from jaxrep.report import outputs as report
+from jaxrep import report
 from jaxrep.core.errors import ConfigError
 from jaxrep import config as config_lib
 from jaxrep.population import build as population_lib

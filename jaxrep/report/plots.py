@@ -1,84 +1,13 @@
-"""Writing a simulation's results: results.json, plots, a summary table."""
+"""Plots of a simulation: the mean distance matrix, the distance histograms
+(benign-benign vs benign-malicious) and the detector's ROC curve."""
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import os
-import platform
-import tempfile
 
 import numpy as np
 
-from jaxrep.core import version
 from jaxrep.detect import metrics as metrics_lib
-
-
-def versions() -> dict:
-  """Versions of the stack, so a run can be reproduced."""
-  import flax
-  import jax
-  import jaxlib
-  import optax
-  return {"jaxrep": version.__version__, "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-          "optax": optax.__version__, "python": platform.python_version(),
-          "device_kind": jax.devices()[0].device_kind,
-          "platform": jax.default_backend(),
-          "device_count": jax.device_count()}
-
-
-def _clean(obj):
-  """JSON-safe copy: numpy scalars to Python, non-finite floats to None."""
-  if isinstance(obj, dict):
-    return {str(k): _clean(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_clean(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return _clean(obj.tolist())
-  if isinstance(obj, (np.bool_,)):
-    return bool(obj)
-  if isinstance(obj, (np.integer,)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    v = float(obj)
-    return v if math.isfinite(v) else None
-  return obj
-
-
-def results_dict(result) -> dict:
-  return _clean({
-      "config": result.config.flat(),
-      "providers": result.providers(),
-      "summary": result.summary(),
-      "client": {"with_defense": result.client,
-                 "no_defense": result.no_defense},
-      "notes": result.notes,
-      "memory": result.memory,
-      "versions": versions(),
-  })
-
-
-def write_json_atomic(path: str, obj) -> None:
-  """Writes JSON to a temporary file in the same directory, then renames it.
-
-  A crash never leaves a partial file under `path`.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
-                             suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, allow_nan=False)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def mean_matrix(result) -> np.ndarray:
@@ -191,37 +120,3 @@ def write_plots(result, out_dir: str) -> list[str]:
   fig.savefig(paths[-1], dpi=110)
   plt.close(fig)
   return paths
-
-
-def _fmt(v, pct=False):
-  if v is None or (isinstance(v, float) and not math.isfinite(v)):
-    return "n/a"
-  return f"{100 * v:.1f} %" if pct else f"{v}"
-
-
-def summary_table(result) -> str:
-  """A short human-readable summary."""
-  s = result.summary()
-  cfg = result.config
-  lines = [
-      f"jaxrep: {cfg.providers} providers ({cfg.malicious} malicious, "
-      f"{cfg.attack.name}), {cfg.dataset}/{cfg.model.name}, {cfg.steps} steps in "
-      f"sub-runs of {cfg.subrun_steps}, {cfg.replicated} replicated, "
-      f"{cfg.metric} + {cfg.detector.name} (alpha {cfg.alpha})",
-      "",
-      f"  detection     TPR {_fmt(s['tpr'], True):>8}   FPR "
-      f"{_fmt(s['fpr'], True):>8}   AUROC {_fmt(round(s['auroc'], 4) if s['auroc'] == s['auroc'] else None)}",
-      f"  providers     benign clean acc {_fmt(s['benign_mean_clean_accuracy'], True)}"
-      f"   malicious clean acc {_fmt(s['malicious_mean_clean_accuracy'], True)}"
-      f"   malicious ASR {_fmt(s['malicious_mean_attack_success_rate'], True)}",
-      f"  client model  with RTTD: clean acc {_fmt(s['final_clean_accuracy'], True)}, "
-      f"ASR {_fmt(s['final_attack_success_rate'], True)}"
-      f"   |   no defense: clean acc {_fmt(s['no_defense_clean_accuracy'], True)}, "
-      f"ASR {_fmt(s['no_defense_attack_success_rate'], True)}",
-      f"  cost          {s['overhead_steps']} extra training steps "
-      f"(m*k*(n-1)) on top of {s['training_steps']}; wall "
-      f"{s['wall_seconds']:.1f} s",
-  ]
-  for note in result.notes:
-    lines.append(f"  note: {note}")
-  return "\n".join(lines)
