@@ -135,6 +135,11 @@ class ProtocolConfig:
                             "multiple)", check=V.integer(1))
   replicated: int = field(5, "sub-runs m the client replicates on all "
                           "providers", check=V.integer(1))
+  recovery: str = field(
+      "none", "what the client does when it flags providers: rollback (return "
+      "to the last checkpoint no flagged provider contributed to and "
+      "re-execute every later sub-run with trusted providers) or none (keep "
+      "the model)", check=V.one_of(("rollback", "none")))
   attack_check: bool = field(True, "also train every provider's own full "
                              "run, to show each attack works (ASR) - doubles "
                              "the training cost", check=V.boolean())

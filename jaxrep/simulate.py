@@ -29,6 +29,7 @@ from jaxrep.population import build as population_lib
 from jaxrep import protocol
 from jaxrep.core.errors import ConfigError
 from jaxrep.runtime import distributed
+from jaxrep.runtime import workdir
 
 FLAGS = flags.FLAGS
 
@@ -98,11 +99,12 @@ def main(argv) -> None:
     _fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
   try:
     config = protocol.validate(config_from_flags())
+    workdir.check(FLAGS.out)
     multi = distributed.initialize(FLAGS.coordinator_address,
                                    FLAGS.num_processes, FLAGS.process_id)
     lead = distributed.is_coordinator()
     if lead:
-      os.makedirs(FLAGS.out, exist_ok=True)
+      claim = workdir.Claim(FLAGS.out)  # noqa: F841  (held until exit)
     # Multi-process runs are not checkpointed: orbax would need a directory
     # shared by all hosts.
     result = protocol.run(config, progress=FLAGS.progress and lead,

@@ -12,7 +12,9 @@ the same client without the defense, and (attack check) every provider's
 own full run. Extra cost of the defense: m * k * (n - 1) training steps.
 
     state = initial_state(sim)                 # or restored from a checkpoint
-    for s in range(next, S): state = subrun_step(sim, state, s); checkpoint
+    while state.progress.next_subrun < S:       # a rollback moves it back
+      state, _ = subrun_step(sim, state, state.progress.next_subrun)
+      checkpoint(state)
     result = evaluate(sim, state)
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Callable
 
 from jaxrep.config import SimConfig
 from jaxrep.core import rng
+from jaxrep.core import trees
 from jaxrep.data import datasets as data_lib
 from jaxrep.protocol.results import SimResult, evaluate
 from jaxrep.protocol.simulation import Simulation, setup
@@ -37,13 +40,15 @@ def initial_state(sim: Simulation) -> ProtocolState:
   params, model_state = sim.model.init(rng.model_init(sim.root))
   client = ModelCheckpoint(params, sim.trainer.optimizer.init(params),
                            model_state)
+  p = sim.config.protocol
   own = (sim.trainer.replicate(params, model_state, sim.n)
-         if sim.config.protocol.attack_check else None)
+         if p.attack_check else None)
+  history = (trees.stack(client, p.num_subruns + 1)
+             if p.recovery == "rollback" else None)
   return ProtocolState(
       client=client, no_defense=client, own=own, trust=Trust.everyone(sim.n),
-      log=EvidenceLog.empty(sim.config.protocol.replicated, sim.n,
-                            sim.record_metrics),
-      progress=Progress())
+      log=EvidenceLog.empty(p.replicated, sim.n, sim.record_metrics),
+      progress=Progress(ledger=(None,) * p.num_subruns), history=history)
 
 
 def _progress_bar(sim: Simulation, state: ProtocolState):
@@ -100,16 +105,20 @@ def run(config: SimConfig, *, progress: bool = True,
   t_resume = time.perf_counter()
   bar = _progress_bar(sim, state) if progress else None
   returned = None
-  for s in range(state.progress.next_subrun, sim.config.num_subruns):
+  while state.progress.next_subrun < sim.config.num_subruns:
+    s = state.progress.next_subrun
     state, returned = subrun_step(sim, state, s)
     if ckpt is not None:
       elapsed = state.progress.elapsed + time.perf_counter() - t_resume
-      ckpt.save(s, state.arrays(), dict(state.meta(), elapsed=elapsed))
+      ckpt.save(state.progress.executions, state.arrays(),
+                dict(state.meta(), elapsed=elapsed))
     if bar is not None:
       bar.set_postfix(replicated=state.progress.replicated_done,
                       flagged=int((state.trust.flagged_at >= 0).sum()),
-                      trusted=int(state.trust.active.sum()))
-      bar.update(1)
+                      trusted=int(state.trust.active.sum()),
+                      redone=state.progress.reexecution_steps)
+      bar.n = state.progress.next_subrun
+      bar.refresh()
   if bar is not None:
     bar.close()
   if ckpt is not None:

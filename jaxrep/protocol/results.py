@@ -41,6 +41,10 @@ class SimResult:
   recorded_median: list = dataclasses.field(default_factory=list)
   reasons: dict = dataclasses.field(default_factory=dict)
   memory: dict = dataclasses.field(default_factory=dict)
+  ledger: list = dataclasses.field(default_factory=list)
+  trajectory: list = dataclasses.field(default_factory=list)
+  replication_steps: int = 0
+  reexecution_steps: int = 0
 
   @property
   def hostile(self) -> dict[int, str]:
@@ -68,7 +72,10 @@ class SimResult:
             _mean_or_nan(self.clean_accuracy[~mal]),
         "malicious_mean_clean_accuracy":
             _mean_or_nan(self.clean_accuracy[mal]),
-        "overhead_steps": self.config.overhead_steps,
+        "overhead_steps": self.replication_steps + self.reexecution_steps,
+        "overhead_replication_steps": self.replication_steps,
+        "overhead_reexecution_steps": self.reexecution_steps,
+        "rollbacks": sum(1 for p in self.trajectory if "rollback_to" in p),
         "training_steps": self.config.protocol.steps,
         "replicated_subruns": [int(s) for s in self.replicated_subruns],
         "wall_seconds": self.wall_seconds,
@@ -165,4 +172,7 @@ def evaluate(sim: Simulation, state: ProtocolState, last_returned,
       recorded={m: list(v[:r]) for m, v in log.recorded.items()},
       recorded_median=list(log.median_all[:r]),
       reasons=dict(state.progress.reasons),
-      memory=memory_report(sim.memory))
+      memory=memory_report(sim.memory), ledger=list(state.progress.ledger),
+      trajectory=list(state.progress.trajectory),
+      replication_steps=state.progress.replication_steps,
+      reexecution_steps=state.progress.reexecution_steps)

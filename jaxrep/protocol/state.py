@@ -7,7 +7,10 @@ the next, in one object that is checkpointed as a whole.
       own          (attack check) every provider's own full run, or None
       trust        who is still trusted, when each was flagged, last scores
       log          the evidence of the replicated sub-runs so far
-      progress     next sub-run, replicated sub-runs done, notes, reasons
+      history      (recovery) the client's checkpoint before every sub-run
+      progress     next sub-run, replicated sub-runs done, notes, reasons,
+                   the ledger (who computed each accepted sub-run), the
+                   client's trajectory and the extra steps spent
 
 Steps (`jaxrep.protocol.steps`) take a state and return a new one; nothing
 here is mutated in place.
@@ -76,15 +79,40 @@ class EvidenceLog:
 
 @dataclasses.dataclass(frozen=True)
 class Progress:
-  """Host-side bookkeeping (JSON in the checkpoint)."""
+  """Host-side bookkeeping (JSON in the checkpoint).
+
+  ledger[s] (None until sub-run s is first done) records the accepted result
+  of sub-run s: `computed_by` (the provider whose model the client took),
+  `replicated`, `participants` (who was compared), `redone` (how often it was
+  re-executed after a rollback) and `digest` (of the accepted parameters).
+  `frontier` counts the sub-runs done at least once; `executions` every
+  sub-run execution (re-executions included).
+  """
   next_subrun: int = 0
   replicated_done: int = 0
   notes: tuple = ()
   reasons: tuple = ()       # (provider, why flagged) pairs
   elapsed: float = 0.0
+  ledger: tuple = ()
+  trajectory: tuple = ()
+  frontier: int = 0
+  executions: int = 0
+  replication_steps: int = 0
+  reexecution_steps: int = 0
 
   def note(self, text: str) -> "Progress":
     return dataclasses.replace(self, notes=self.notes + (text,))
+
+  def record(self, s: int, entry: dict) -> "Progress":
+    ledger = list(self.ledger)
+    previous = ledger[s]
+    entry = dict(entry, subrun=s,
+                 redone=0 if previous is None else previous["redone"] + 1)
+    ledger[s] = entry
+    return dataclasses.replace(self, ledger=tuple(ledger))
+
+  def point(self, entry: dict) -> "Progress":
+    return dataclasses.replace(self, trajectory=self.trajectory + (entry,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +123,7 @@ class ProtocolState:
   trust: Trust
   log: EvidenceLog
   progress: Progress
+  history: Any = None       # ModelCheckpoint stacked [S + 1], or None
 
   def replace(self, **changes) -> "ProtocolState":
     return dataclasses.replace(self, **changes)
@@ -109,6 +138,8 @@ class ProtocolState:
                     for f in dataclasses.fields(self.log)}}
     if self.own is not None:
       tree["own"] = self.own._asdict()
+    if self.history is not None:
+      tree["history"] = self.history._asdict()
     return tree
 
   def meta(self) -> dict:
@@ -116,7 +147,11 @@ class ProtocolState:
     return {"next_subrun": p.next_subrun,
             "replicated_done": p.replicated_done, "notes": list(p.notes),
             "reasons": {str(i): why for i, why in p.reasons},
-            "elapsed": p.elapsed}
+            "elapsed": p.elapsed, "ledger": list(p.ledger),
+            "trajectory": list(p.trajectory), "frontier": p.frontier,
+            "executions": p.executions,
+            "replication_steps": p.replication_steps,
+            "reexecution_steps": p.reexecution_steps}
 
   def restored(self, tree: dict, meta: dict) -> "ProtocolState":
     """This state (the template) with the checkpointed values."""
@@ -125,8 +160,14 @@ class ProtocolState:
         replicated_done=int(meta["replicated_done"]),
         notes=tuple(meta["notes"]),
         reasons=tuple((int(i), why) for i, why in meta["reasons"].items()),
-        elapsed=float(meta["elapsed"]))
+        elapsed=float(meta["elapsed"]), ledger=tuple(meta["ledger"]),
+        trajectory=tuple(meta["trajectory"]), frontier=int(meta["frontier"]),
+        executions=int(meta["executions"]),
+        replication_steps=int(meta["replication_steps"]),
+        reexecution_steps=int(meta["reexecution_steps"]))
     own = None if self.own is None else type(self.own)(**tree["own"])
+    history = (None if self.history is None
+               else ModelCheckpoint(**tree["history"]))
     as_np = lambda d: {k: np.asarray(v) if not isinstance(v, dict) else
                        {m: np.asarray(a) for m, a in v.items()}
                        for k, v in d.items()}
@@ -134,4 +175,5 @@ class ProtocolState:
         client=ModelCheckpoint(**tree["client"]),
         no_defense=ModelCheckpoint(**tree["no_defense"]), own=own,
         trust=Trust(**as_np(tree["trust"])),
-        log=EvidenceLog(**as_np(tree["log"])), progress=progress)
+        log=EvidenceLog(**as_np(tree["log"])), progress=progress,
+        history=history)

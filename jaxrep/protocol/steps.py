@@ -12,7 +12,15 @@ new state. `subrun_step` is one sub-run of the protocol:
   3. `no_defense_step`  the same client without RTTD: a provider drawn among
                         all n computes the sub-run, accepted unchecked;
   4. `attack_check_step` every provider continues its own full run (the model
-                        it would deliver alone: proof that its attack works).
+                        it would deliver alone: proof that its attack works);
+  5. `recovery_step`    (recovery=rollback) when providers were flagged and
+                        one of them computed an accepted sub-run, the client
+                        returns to the last checkpoint none of them
+                        contributed to and re-executes from there.
+
+Steps 3 and 4 run once per sub-run; a re-executed sub-run repeats 1, 2, 5.
+Every execution leaves a ledger entry and a point of the client's
+trajectory (clean accuracy and ASR after it).
 
 The simulator trains all n providers on every sub-run (one vmapped step does
 that at the cost of one), but the client only sees and accepts what the
@@ -23,7 +31,9 @@ cannot tell which sub-runs are replicated.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,6 +43,7 @@ from jaxrep.detect import detectors as detect_lib
 from jaxrep.distances import kernels as dist_lib
 from jaxrep.protocol import hostile as hostile_lib
 from jaxrep.protocol.detection import detection_step, medoid
+from jaxrep.protocol.results import model_report
 from jaxrep.protocol.simulation import Simulation
 from jaxrep.protocol.state import ModelCheckpoint, ProtocolState
 from jaxrep.runtime import sharding as sharding_lib
@@ -75,6 +86,21 @@ def _start(sim: Simulation, checkpoint: ModelCheckpoint, n: int):
 def _accept(pop, i: int) -> ModelCheckpoint:
   return ModelCheckpoint(trees.take(pop.params, i), trees.take(pop.opt_state, i),
                          trees.take(pop.model_state, i))
+
+
+def digest(params) -> str:
+  """A short fingerprint of a model's parameters (for the ledger)."""
+  h = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(params):
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def _ledger_entry(state: ProtocolState, computed_by, replicated: bool,
+                  participants: np.ndarray) -> dict:
+  return {"computed_by": computed_by, "replicated": replicated,
+          "participants": [int(i) for i in np.flatnonzero(participants)],
+          "digest": digest(state.client.params)}
 
 
 def train_step(sim: Simulation, state: ProtocolState, s: int, schedule, keys,
@@ -129,10 +155,15 @@ def replicated_step(sim: Simulation, state: ProtocolState, s: int,
   progress = dataclasses.replace(state.progress, replicated_done=r + 1)
   state = state.replace(trust=trust, log=log, progress=progress)
   if not trust.active.any():
-    return state.replace(progress=progress.note(
+    state = state.replace(progress=progress.note(
         f"sub-run {s}: every provider was flagged; the client keeps its "
         "checkpoint"))
-  return state.replace(client=_accept(returned, medoid(d, trust.active)))
+    chosen = None
+  else:
+    chosen = medoid(d, trust.active)
+    state = state.replace(client=_accept(returned, chosen))
+  return state.replace(progress=state.progress.record(
+      s, _ledger_entry(state, chosen, True, active)))
 
 
 def unchecked_step(sim: Simulation, state: ProtocolState, s: int,
@@ -140,11 +171,13 @@ def unchecked_step(sim: Simulation, state: ProtocolState, s: int,
   """A sub-run the client does not check: one trusted provider, drawn at
   random, computed it."""
   active = state.trust.active
-  if not active.any():
-    return state
-  chosen = int(rng.assignment(sim.config.seed, s).choice(
-      np.flatnonzero(active)))
-  return state.replace(client=_accept(returned, chosen))
+  chosen = None
+  if active.any():
+    chosen = int(rng.assignment(sim.config.seed, s).choice(
+        np.flatnonzero(active)))
+    state = state.replace(client=_accept(returned, chosen))
+  return state.replace(progress=state.progress.record(
+      s, _ledger_entry(state, chosen, False, active)))
 
 
 def no_defense_step(sim: Simulation, state: ProtocolState, s: int, schedule,
@@ -166,14 +199,82 @@ def attack_check_step(sim: Simulation, state: ProtocolState, schedule, keys,
   return state.replace(own=own)
 
 
+def _count_steps(sim: Simulation, state: ProtocolState, s: int,
+                 participants: int, replicated: bool) -> ProtocolState:
+  """Adds the extra training steps of this execution: a first replicated run
+  costs k * (participants - 1) beyond the client's own k steps; re-executing
+  a sub-run costs k steps per provider that redoes it."""
+  k, p = sim.config.protocol.subrun_steps, state.progress
+  if s < p.frontier:
+    p = dataclasses.replace(p, reexecution_steps=p.reexecution_steps + k * (
+        participants if replicated else 1))
+  elif replicated:
+    p = dataclasses.replace(p, replication_steps=p.replication_steps
+                            + k * (participants - 1))
+  return state.replace(progress=p)
+
+
+def _trajectory_point(sim: Simulation, state: ProtocolState, s: int,
+                      first: bool, newly_flagged: np.ndarray) -> dict:
+  client = model_report(sim, state.client)
+  point = {"subrun": s, "execution": state.progress.executions,
+           "reexecution": not first,
+           "clean_accuracy": client["clean_accuracy"],
+           "attack_success_rate": client["attack_success_rate"],
+           "flagged": [int(i) for i in np.flatnonzero(newly_flagged)]}
+  if first:
+    nodef = model_report(sim, state.no_defense)
+    point.update(no_defense_clean_accuracy=nodef["clean_accuracy"],
+                 no_defense_attack_success_rate=nodef["attack_success_rate"])
+  return point
+
+
+def _keep_history(state: ProtocolState, s: int) -> ProtocolState:
+  """Stores the client's checkpoint before sub-run s (recovery)."""
+  if state.history is None:
+    return state
+  return state.replace(history=jax.tree_util.tree_map(
+      lambda h, c: h.at[s].set(c), state.history, state.client))
+
+
+def recovery_step(sim: Simulation, state: ProtocolState, s: int
+                  ) -> ProtocolState:
+  """Rollback: if a flagged provider computed an accepted sub-run j <= s,
+  the client returns to its checkpoint before j (parameters, optimizer and
+  model state) and sub-runs j.. are executed again by trusted providers."""
+  if state.history is None:
+    return state
+  flagged = set(np.flatnonzero(state.trust.flagged_at >= 0).tolist())
+  tainted = [j for j in range(s + 1)
+             if state.progress.ledger[j] is not None
+             and state.progress.ledger[j]["computed_by"] in flagged]
+  if not tainted:
+    return state
+  j = tainted[0]
+  p = state.progress
+  p = dataclasses.replace(
+      p, next_subrun=j,
+      replicated_done=int(np.sum(sim.replicated < j)),
+      trajectory=p.trajectory[:-1] + (dict(p.trajectory[-1], rollback_to=j),))
+  p = p.note(f"sub-run {s}: rolled back to the checkpoint before sub-run {j} "
+             f"(computed by flagged provider "
+             f"{p.ledger[j]['computed_by']}); sub-runs {j}..{s} re-executed")
+  return state.replace(client=trees.take(state.history, j), progress=p)
+
+
 def subrun_step(sim: Simulation, state: ProtocolState, s: int
                 ) -> tuple[ProtocolState, train_lib.Population]:
-  """The whole of sub-run s (see module docstring); also returns what the
-  providers returned for it."""
+  """One execution of sub-run s (see module docstring); also returns what
+  the providers returned for it."""
+  first = s >= state.progress.frontier
+  flagged_before = state.trust.flagged_at >= 0
   behaviour = sim.subrun_behaviour(s)
   schedule, keys = sim.schedule(s), sim.keys(s)
+  state = _keep_history(state, s)
+  participants = state.trust.active
   state, returned = train_step(sim, state, s, schedule, keys, behaviour)
-  if s in sim.replicated and state.trust.active.sum() >= 2:
+  replicated = s in sim.replicated and state.trust.active.sum() >= 2
+  if replicated:
     state = replicated_step(sim, state, s, returned)
   else:
     if s in sim.replicated:
@@ -181,8 +282,19 @@ def subrun_step(sim: Simulation, state: ProtocolState, s: int
           f"sub-run {s}: fewer than 2 trusted providers left, no comparison "
           "possible"))
     state = unchecked_step(sim, state, s, returned)
-  state = no_defense_step(sim, state, s, schedule, keys, behaviour)
-  if state.own is not None:
-    state = attack_check_step(sim, state, schedule, keys, behaviour)
-  progress = dataclasses.replace(state.progress, next_subrun=s + 1)
-  return state.replace(progress=progress), returned
+  state = _count_steps(sim, state, s, int(participants.sum()), replicated)
+  if first:
+    state = no_defense_step(sim, state, s, schedule, keys, behaviour)
+    if state.own is not None:
+      state = attack_check_step(sim, state, schedule, keys, behaviour)
+  newly = (state.trust.flagged_at >= 0) & ~flagged_before
+  p = state.progress
+  p = dataclasses.replace(
+      p, next_subrun=s + 1, frontier=max(p.frontier, s + 1),
+      executions=p.executions + 1)
+  state = state.replace(progress=p)
+  state = state.replace(progress=state.progress.point(
+      _trajectory_point(sim, state, s, first, newly)))
+  if newly.any():
+    state = recovery_step(sim, state, s)
+  return state, returned

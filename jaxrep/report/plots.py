@@ -119,4 +119,51 @@ def write_plots(result, out_dir: str) -> list[str]:
   paths.append(os.path.join(out_dir, "roc.png"))
   fig.savefig(paths[-1], dpi=110)
   plt.close(fig)
+  if result.trajectory:
+    paths.append(plot_trajectory(result, out_dir))
   return paths
+
+
+def plot_trajectory(result, out_dir: str) -> str:
+  """The client's clean accuracy and ASR after every sub-run execution, with
+  and without the defense; flags and rollbacks marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  points = result.trajectory
+  x = np.arange(1, len(points) + 1)
+  get = lambda key: np.array([p.get(key, np.nan) if p.get(key) is not None
+                              else np.nan for p in points], float)
+  fig, ax = plt.subplots(figsize=(7.6, 4.2))
+  ax.plot(x, get("attack_success_rate"), "-o", ms=3, color="tab:red",
+          label="ASR, client with RTTD")
+  ax.plot(x, get("clean_accuracy"), "-o", ms=3, color="tab:blue",
+          label="clean accuracy, client with RTTD")
+  ax.plot(x, get("no_defense_attack_success_rate"), "--", color="tab:red",
+          alpha=0.5, label="ASR, no defense")
+  ax.plot(x, get("no_defense_clean_accuracy"), "--", color="tab:blue",
+          alpha=0.5, label="clean accuracy, no defense")
+  redo = np.array([p["reexecution"] for p in points])
+  for i in np.flatnonzero(redo):
+    ax.axvspan(x[i] - 0.5, x[i] + 0.5, color="0.9", lw=0)
+  for i, p in enumerate(points):
+    if p["flagged"]:
+      ax.axvline(x[i], color="black", lw=0.8, ls=":")
+      ax.annotate(f"{len(p['flagged'])} flagged", (x[i], 1.02),
+                  xycoords=("data", "axes fraction"), ha="center", fontsize=7)
+    if "rollback_to" in p:
+      ax.annotate(f"rollback to\nsub-run {p['rollback_to']}", (x[i], 0.5),
+                  xytext=(x[i] + 1.5, 0.55), fontsize=7,
+                  arrowprops=dict(arrowstyle="->", lw=0.8))
+  ax.set_ylim(-0.03, 1.03)
+  ax.set_xlabel("sub-run executions in order (grey: re-executed after a "
+                "rollback)")
+  ax.set_ylabel("share of test inputs")
+  ax.legend(fontsize=7, loc="center right")
+  ax.set_title("The client's model over training", fontsize=10, pad=14)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "client_trajectory.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

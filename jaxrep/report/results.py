@@ -54,6 +54,8 @@ def results_dict(result) -> dict:
       "summary": result.summary(),
       "client": {"with_defense": result.client,
                  "no_defense": result.no_defense},
+      "ledger": result.ledger,
+      "trajectory": result.trajectory,
       "notes": result.notes,
       "memory": result.memory,
       "versions": versions(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def _fmt(v, pct=False):
   if v is None or (isinstance(v, float) and not math.isfinite(v)):
@@ -28,8 +30,10 @@ def summary_table(result) -> str:
       f"ASR {_fmt(s['final_attack_success_rate'], True)}"
       f"   |   no defense: clean acc {_fmt(s['no_defense_clean_accuracy'], True)}, "
       f"ASR {_fmt(s['no_defense_attack_success_rate'], True)}",
-      f"  cost          {s['overhead_steps']} extra training steps "
-      f"(m*k*(n-1)) on top of {s['training_steps']}; wall "
+      f"  cost          {s['overhead_steps']} extra training steps on top of "
+      f"{s['training_steps']}: {s['overhead_replication_steps']} replicating "
+      f"(k*(trusted-1) per check), {s['overhead_reexecution_steps']} "
+      f"re-executing after {s['rollbacks']} rollback(s); wall "
       f"{s['wall_seconds']:.1f} s",
   ]
   for note in result.notes:

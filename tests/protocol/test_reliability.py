@@ -265,3 +265,29 @@ def test_fuzz_cli_bad_flags_exit_2_with_one_line(argv):
   finally:
     simulate._fail = old
     simulate.FLAGS.unparse_flags()
+
+
+def test_out_that_is_a_file_exits_2_before_training(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("not a directory")
+  p = _simulate([f"--out={path}", "--steps=40", "--replicated=1"])
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 2
+  assert err.strip().splitlines() == [
+      f"error: --out: {path} exists and is not a directory"]
+  assert path.read_text() == "not a directory"
+
+
+def test_second_run_on_a_held_workdir_exits_2(tmp_path):
+  from jaxrep.runtime import workdir
+  busy = tmp_path / "busy"
+  held = workdir.Claim(str(busy))
+  try:
+    p = _simulate([f"--out={busy}", "--steps=40", "--replicated=1"])
+    _, err = p.communicate(timeout=120)
+  finally:
+    held.release()
+  assert p.returncode == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and "is in use by a live run" in lines[0], lines
+  assert not (busy / "results.json").exists()
