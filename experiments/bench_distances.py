@@ -1,4 +1,4 @@
-"""Benchmark of the pairwise distance kernels in jaxrep.distances.kernels.
+"""Benchmark of the pairwise distance kernels of jaxrep.distances.
 
 Run (default grid, about 5-10 minutes on a 2-core CPU):
 
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.spatial import distance as sd
 
-from jaxrep.distances import kernels as distances
+from jaxrep import distances
 
 SCIPY = {"l2": "euclidean", "cosine": "cosine", "l1": "cityblock",
          "linf": "chebyshev"}
@@ -54,7 +54,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--n", type=int, nargs="+", default=[64, 256, 1024])
   p.add_argument("--p", type=float, nargs="+", default=[1e5, 1e6])
-  p.add_argument("--metrics", nargs="+", default=list(distances.METRICS))
+  p.add_argument("--metrics", nargs="+", default=list(distances.PARAM_METRICS))
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--budget", type=float, default=20.0,
                  help="skip a measurement predicted to take longer (s/run)")

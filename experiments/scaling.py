@@ -14,7 +14,8 @@ it measures, on the digits MLP (batch 32, k steps, half the providers
 planting BadNets backdoors):
 
 * provider-steps per second of the sharded sub-run (n * k / time);
-* the ring distance kernel's time (L2, `jaxrep.runtime.sharding.pairwise_distances`);
+* the ring distance kernel's time (L2, `jaxrep.distances.pairwise_distances`
+  with a mesh);
 * replicated sub-runs verified per second, end to end: sub-run + L2
   distances + KS detector on the host, one after the other;
 * peak memory: the estimate of `jaxrep.runtime.memory` (per device, all of it) and the
@@ -32,6 +33,7 @@ command uses real devices.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -100,14 +102,14 @@ def worker(args) -> list[dict]:
   from jaxrep.data import datasets as data_lib
   from jaxrep.detect import detectors as detect_lib
   from jaxrep.population import divergence as div_lib
-  from jaxrep.distances import kernels as distances
+  from jaxrep import distances
   from jaxrep.runtime import memory
   from jaxrep.models import zoo as models
-  from jaxrep.runtime import sharding
+  from jaxrep.runtime import mesh as mesh_lib
   from jaxrep.train import trainer as train
 
   d = args.devices
-  mesh = sharding.make_mesh(d)
+  mesh = mesh_lib.make_mesh(d)
   ds = data_lib.load_dataset("digits")
   x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   model = models.get_model("mlp", ds.num_classes, ds.input_shape)
@@ -130,25 +132,27 @@ def worker(args) -> list[dict]:
     sizes = memory.sizes_for(trainer, behaviour, div, x_train, y_train,
                              providers=n, batch_size=32,
                              subrun_steps=args.steps, devices=d)
+    sizes = dataclasses.replace(sizes, distance_bytes=(
+        distances.working_set_bytes(n, d, sizes.params)))
     est = memory.estimate(sizes)
-    placed = sharding.sub_run_inputs(mesh, pop, x_train, y_train, schedule,
+    placed = mesh_lib.sub_run_inputs(mesh, pop, x_train, y_train, schedule,
                                      keys, div, behaviour)
-    start = sharding.replicate_tree(pop.params, mesh)
+    start = mesh_lib.replicate_tree(pop.params, mesh)
     sub_run = lambda: trainer.sub_run(*placed)
     t_sub = _median_time(sub_run, args.repeats)
     out, _ = sub_run()
-    upd = sharding.shard_provider_tree(distances.updates(start, out.params),
+    upd = mesh_lib.shard_provider_tree(distances.updates(start, out.params),
                                        mesh)
-    t_dist = _median_time(lambda: sharding.pairwise_distances(upd, mesh,
-                                                              "l2"),
+    t_dist = _median_time(lambda: distances.pairwise_distances(upd, "l2",
+                                                               mesh=mesh),
                           args.repeats)
     members = np.ones(n, bool)
 
     def verify():
       out, _ = trainer.sub_run(*placed)
-      dm = sharding.pairwise_distances(distances.updates(start, out.params),
-                                       mesh, "l2")
-      ev = detect_lib.Evidence([np.asarray(sharding.to_host(dm),
+      dm = distances.pairwise_distances(
+          distances.updates(start, out.params), "l2", mesh=mesh)
+      ev = detect_lib.Evidence([np.asarray(mesh_lib.to_host(dm),
                                            np.float64)], [members])
       verdict = detect_lib.detect("ks", ev, n, ks_margin=10.0)
       return jnp.asarray(np.asarray(verdict.flags))

@@ -20,17 +20,18 @@ from jaxrep.config import SimConfig
 from jaxrep.core import rng
 from jaxrep.core.errors import ConfigError, require
 from jaxrep.data import datasets as data_lib
+from jaxrep import distances
 from jaxrep.detect import detectors as detect_lib
 from jaxrep.models import zoo as models_lib
 from jaxrep.population import build as population_lib
 from jaxrep.population import divergence as div_lib
 from jaxrep.protocol import hostile as hostile_lib
 from jaxrep.runtime import memory as memory_lib
-from jaxrep.runtime import sharding as sharding_lib
+from jaxrep.runtime import mesh as mesh_lib
 from jaxrep.train import schedule as schedule_lib
 from jaxrep.train import trainer as train_lib
 
-METRICS = ("l2", "cosine", "l1", "linf", "output", "cka", "zest")
+METRICS = distances.METRICS
 AUTO = config_lib.AUTO
 # What "auto" means for --model, by the dataset's modality.
 DEFAULT_MODEL = {"image": "mlp", "text": "text_cnn"}
@@ -142,8 +143,8 @@ class Simulation:
     elif self.mesh is None:
       out = self.trainer.sub_run(*args)
     else:
-      out = sharding_lib.sharded_sub_run(self.trainer, self.mesh, *args)
-    return sharding_lib.to_host(out) if self.gather else out
+      out = mesh_lib.sharded_sub_run(self.trainer, self.mesh, *args)
+    return mesh_lib.to_host(out) if self.gather else out
 
 
 def memory_plan(config: SimConfig, trainer, behaviour, div, x_train, y_train,
@@ -159,7 +160,7 @@ def memory_plan(config: SimConfig, trainer, behaviour, div, x_train, y_train,
   device reports (on CPU: the host's available memory shared by its
   devices).
   """
-  d = 1 if mesh is None else sharding_lib.mesh_size(mesh)
+  d = 1 if mesh is None else mesh_lib.mesh_size(mesh)
   n = config.protocol.providers
   sizes = memory_lib.sizes_for(
       trainer, behaviour, div, x_train, y_train, providers=n,
@@ -169,7 +170,9 @@ def memory_plan(config: SimConfig, trainer, behaviour, div, x_train, y_train,
   # own model stay allocated throughout.
   state = sizes.params + sizes.opt_state + sizes.model_state
   own = -(-n // d) if config.protocol.attack_check else 0
-  sizes = dataclasses.replace(sizes, resident=(2 + own) * state)
+  sizes = dataclasses.replace(
+      sizes, resident=(2 + own) * state,
+      distance_bytes=distances.working_set_bytes(n, d, sizes.params))
   mb = config.runtime.memory_mb
   return memory_lib.plan(sizes, mb * 2**20 if mb else None)
 
@@ -180,8 +183,8 @@ def _mesh(config: SimConfig, n: int):
     return None
   require(devices <= jax.device_count(), "devices",
           f"{devices} devices requested, {jax.device_count()} available")
-  mesh = sharding_lib.make_mesh(devices or None)
-  sharding_lib.check_divisible(n, mesh, field="devices")
+  mesh = mesh_lib.make_mesh(devices or None)
+  mesh_lib.check_divisible(n, mesh, field="devices")
   return mesh
 
 

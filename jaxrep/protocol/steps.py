@@ -40,42 +40,21 @@ import numpy as np
 from jaxrep.core import rng
 from jaxrep.core import trees
 from jaxrep.detect import detectors as detect_lib
-from jaxrep.distances import kernels as dist_lib
+from jaxrep import distances
 from jaxrep.protocol import hostile as hostile_lib
 from jaxrep.protocol.detection import detection_step, medoid
 from jaxrep.protocol.results import model_report
 from jaxrep.protocol.simulation import Simulation
 from jaxrep.protocol.state import ModelCheckpoint, ProtocolState
-from jaxrep.runtime import sharding as sharding_lib
 from jaxrep.train import trainer as train_lib
-
-PARAM_METRICS = ("l2", "cosine", "l1", "linf")
-
 
 def model_distances(sim: Simulation, metric: str, start_params, pop,
                     key) -> np.ndarray:
   """The [n, n] matrix of `metric` between the returned models of a sub-run
-  started from `start_params` (ring kernels over the mesh if there is one)."""
-  probe_x = sim.probe_x[:16] if metric == "zest" else sim.probe_x
-  predict = sim.model.predict
-  if sim.mesh is not None:
-    d = sharding_lib.model_distances(
-        metric, sim.mesh, start_params=start_params, params=pop.params,
-        model_state=pop.model_state, apply_fn=predict, probe_x=probe_x,
-        key=key)
-    return np.asarray(sharding_lib.to_host(d), np.float64)
-  if metric in PARAM_METRICS:
-    d = dist_lib.pairwise_distances(
-        dist_lib.updates(start_params, pop.params), metric)
-  elif metric == "output":
-    d = dist_lib.output_distances(predict, pop.params, pop.model_state,
-                                  probe_x)
-  elif metric == "cka":
-    d = dist_lib.cka_distances(predict, pop.params, pop.model_state, probe_x)
-  else:
-    d = dist_lib.zest_distances(predict, pop.params, pop.model_state,
-                                probe_x, key)
-  return np.asarray(d, np.float64)
+  started from `start_params` (over the mesh if there is one)."""
+  return distances.model_distances(metric, sim.model.predict, start_params,
+                                   pop.params, pop.model_state, sim.probe_x,
+                                   key, mesh=sim.mesh)
 
 
 def _start(sim: Simulation, checkpoint: ModelCheckpoint, n: int):
@@ -141,7 +120,7 @@ def replicated_step(sim: Simulation, state: ProtocolState, s: int,
         sim, m, start, returned, key)
   median, median_all = log.median.copy(), log.median_all.copy()
   if config.detector.name == "median" or recorded:
-    rows = train_lib.flatten_population(dist_lib.updates(start,
+    rows = train_lib.flatten_population(distances.updates(start,
                                                          returned.params))
     median[r] = np.asarray(detect_lib.median_distances(
         rows, jnp.asarray(active)))

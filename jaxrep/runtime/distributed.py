@@ -8,7 +8,7 @@ own process id:
         python -m jaxrep.simulate ...      # and PROCESS_ID=1 on the other host
 
 Afterwards `jax.devices()` lists the devices of every process, and a mesh
-from `jaxrep.runtime.sharding.make_mesh()` spans them all. With one process (or no
+from `jaxrep.runtime.mesh.make_mesh()` spans them all. With one process (or no
 settings at all) `initialize` does nothing, so single-host code is unchanged.
 On managed clusters (Cloud TPU, SLURM, Open MPI) JAX can detect the settings
 itself: pass `auto=True`.

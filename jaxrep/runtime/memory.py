@@ -2,7 +2,9 @@
 
     sizes = memory.sizes_for(trainer, behaviour, div, x_train, y_train,
                              providers=n, batch_size=32, subrun_steps=k,
-                             devices=mesh_size)
+                             devices=d)
+    sizes = dataclasses.replace(
+        sizes, distance_bytes=distances.working_set_bytes(n, d, sizes.params))
     p = memory.plan(sizes)              # ConfigError if nothing fits
     out, losses = memory.chunked_sub_run(trainer, pop, ..., chunk_size=p.chunk)
 
@@ -16,10 +18,10 @@ Memory model (bytes per device, c providers in flight, d devices):
   step's jaxpr at two batch sizes (an upper bound: XLA reuses buffers);
 * losses: k * c / d floats;
 * training set: x_train + y_train, replicated on every device;
-* distances (after the sub-run, with all n providers): the ring kernel of
-  `jaxrep.runtime.sharding` holds three blocks of n / d updates (own, visiting,
-  incoming), the streamed working set (`max_bytes`), and a few n x n
-  matrices.
+* distances (after the sub-run, with all n providers): `distance_bytes`,
+  the working set of the distance kernels, which the caller gets from
+  `jaxrep.distances.working_set_bytes` (this module sits below the
+  distances stage and only takes the number).
 
 Peak = training set + max(sub-run(c), distances(n)). Providers are
 independent (per-provider keys, divergence and behaviour), so a population
@@ -38,8 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrep.distances import kernels as dist_lib
 from jaxrep.core.errors import require
+from jaxrep.runtime import mesh as mesh_lib
 
 DEFAULT_SAFETY = 0.8
 
@@ -57,7 +59,8 @@ class Sizes:
     subrun_steps: k.
     train_set: bytes of the training set on device.
     devices: devices the providers are split over.
-    distance_max_bytes: streamed working set of a distance kernel.
+    distance_bytes: working set of the distance kernels per device
+      (`jaxrep.distances.working_set_bytes`); 0 leaves them out.
     resident: other bytes per device that stay allocated throughout (e.g.
       the providers' own full-run models of the protocol's attack check).
   """
@@ -71,7 +74,7 @@ class Sizes:
   subrun_steps: int
   train_set: int
   devices: int = 1
-  distance_max_bytes: int = dist_lib.DEFAULT_MAX_BYTES
+  distance_bytes: int = 0
   resident: int = 0
 
 
@@ -140,9 +143,12 @@ def step_bytes(trainer, behaviour, div, x_example, y_example,
 
 
 def sizes_for(trainer, behaviour, div, x_train, y_train, *, providers: int,
-              batch_size: int, subrun_steps: int, devices: int = 1,
-              distance_max_bytes: int = dist_lib.DEFAULT_MAX_BYTES) -> Sizes:
-  """Measures `Sizes` for a trainer and data without running anything."""
+              batch_size: int, subrun_steps: int, devices: int = 1) -> Sizes:
+  """Measures `Sizes` for a trainer and data without running anything.
+
+  `distance_bytes` and `resident` are left at 0: they depend on the caller
+  (set them with `dataclasses.replace`).
+  """
   pop = jax.eval_shape(lambda k: trainer.init(k, 1), jax.random.key(0))
   fixed, per_example = step_bytes(trainer, behaviour, div, x_train[0],
                                   y_train[0], batch_size)
@@ -152,7 +158,7 @@ def sizes_for(trainer, behaviour, div, x_train, y_train, *, providers: int,
                step_per_example=per_example, batch_size=int(batch_size),
                subrun_steps=int(subrun_steps),
                train_set=_tree_bytes((x_train, y_train)),
-               devices=int(devices), distance_max_bytes=distance_max_bytes)
+               devices=int(devices))
 
 
 def estimate(sizes: Sizes, chunk: Optional[int] = None) -> dict[str, int]:
@@ -172,16 +178,11 @@ def estimate(sizes: Sizes, chunk: Optional[int] = None) -> dict[str, int]:
                     + sizes.batch_size * sizes.step_per_example)
   losses = 4 * sizes.subrun_steps * per_dev
   subrun = population + step + losses
-  block = -(-n // d)
-  # Streamed working sets, capped by max_bytes: the Gram chunks (about four
-  # [block, chunk] arrays) and one direct tile (64 x 64 x <= 512 floats).
-  gram = min(sizes.distance_max_bytes, 4 * block * sizes.params)
-  tile = min(sizes.distance_max_bytes, 64 * 64 * min(512 * 4, sizes.params))
-  distances = 3 * block * sizes.params + gram + tile + 6 * n * n * 4
   return {"population": population, "step": step, "losses": losses,
-          "subrun": subrun, "distances": distances,
+          "subrun": subrun, "distances": sizes.distance_bytes,
           "train_set": sizes.train_set, "resident": sizes.resident,
-          "peak": sizes.train_set + sizes.resident + max(subrun, distances)}
+          "peak": (sizes.train_set + sizes.resident
+                   + max(subrun, sizes.distance_bytes))}
 
 
 def host_available_bytes() -> int:
@@ -298,19 +299,18 @@ def chunked_sub_run(trainer, pop, x_train, y_train, schedule, keys, div,
       chunk is on the device at a time.
     chunk_size: providers per chunk (a multiple of the mesh size if `mesh`).
     mesh: if given, every chunk is split over the mesh
-      (`jaxrep.runtime.sharding.sharded_sub_run`).
+      (`jaxrep.runtime.mesh.sharded_sub_run`).
     to_host: bring every chunk's result back to host memory (numpy), so that
       device memory holds one chunk at a time.
 
   Returns:
     (population, losses [k, n]) like `trainer.sub_run`.
   """
-  from jaxrep.runtime import sharding as sharding_lib
   n = int(jax.tree_util.tree_leaves(pop.params)[0].shape[0])
   require(isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1,
           "chunk_size", f"must be an int >= 1; got {chunk_size!r}")
   if mesh is not None:
-    d = sharding_lib.mesh_size(mesh)
+    d = mesh_lib.mesh_size(mesh)
     require(chunk_size % d == 0 and n % d == 0, "chunk_size",
             f"{chunk_size} (and providers={n}) must be multiples of the "
             f"{d} devices")
@@ -323,9 +323,9 @@ def chunked_sub_run(trainer, pop, x_train, y_train, schedule, keys, div,
     if mesh is None:
       out, loss = trainer.sub_run(*args)
     else:
-      out, loss = sharding_lib.sharded_sub_run(trainer, mesh, *args)
+      out, loss = mesh_lib.sharded_sub_run(trainer, mesh, *args)
     if to_host:
-      out, loss = sharding_lib.to_host((out, loss))
+      out, loss = mesh_lib.to_host((out, loss))
     outs.append(out)
     losses.append(loss)
   cat = np.concatenate if to_host else jnp.concatenate

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrep.runtime import distributed
-from jaxrep.runtime import sharding
+from jaxrep.runtime import mesh as mesh_lib
 from jaxrep.core.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,7 +26,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(tmp_path):
+def _launch(tmp_path, repo_root):
   """Runs both workers; returns (path of process 0's results, logs)."""
   port = _free_port()
   out = str(tmp_path / "multihost.npz")
@@ -34,7 +34,7 @@ def _launch(tmp_path):
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAXREP_COORDINATOR=f"localhost:{port}", JAXREP_NUM_PROCESSES="2",
              PYTHONPATH=os.pathsep.join(
-                 [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+                 [repo_root, os.environ.get("PYTHONPATH", "")]))
   procs = []
   for pid in range(2):
     procs.append(subprocess.Popen(
@@ -53,8 +53,8 @@ def _launch(tmp_path):
   return out, [p.returncode for p in procs], logs
 
 
-def test_two_processes_match_one_process(tmp_path):
-  path, codes, logs = _launch(tmp_path)
+def test_two_processes_match_one_process(tmp_path, repo_root):
+  path, codes, logs = _launch(tmp_path, repo_root)
   text = "\n".join(logs)
   if any(codes) and "collectives" in text.lower() and (
       "not implemented" in text.lower() or "unsupported" in text.lower()):
@@ -62,7 +62,7 @@ def test_two_processes_match_one_process(tmp_path):
                 + text.strip().splitlines()[-1])
   assert codes == [0, 0], text[-4000:]
   multi = dict(np.load(path))
-  single = worker.compute(sharding.make_mesh(8))
+  single = worker.compute(mesh_lib.make_mesh(8))
   assert sorted(multi) == sorted(single)
   # Same SPMD program, same per-device provider blocks: same bits.
   for name in sorted(single):
@@ -99,23 +99,24 @@ CLI = dict(devices=0, providers=8, malicious=2, steps=40, subrun_steps=10,
            replicated=2, poison_rate=0.3, attack_check=False, seed=3)
 
 
-def test_main_job_on_two_hosts_matches_one_host(tmp_path):
+def test_main_job_on_two_hosts_matches_one_host(tmp_path, repo_root):
   """`python -m jaxrep.simulate` in two processes (multi-host flags) writes
   the same results as the protocol on one process with the same 8 devices."""
-  from jaxrep.protocol import loop as protocol
-  from jaxrep.report import outputs as report
+  from jaxrep import protocol
+  from jaxrep.config import SimConfig
+  from jaxrep import report
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PYTHONPATH=os.pathsep.join(
-                 [os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+                 [repo_root, os.environ.get("PYTHONPATH", "")]))
   args = [f"--{k}={v}" for k, v in CLI.items() if k != "attack_check"]
   args += ["--noattack_check", "--noprogress", f"--out={tmp_path}",
            f"--coordinator_address=localhost:{port}", "--num_processes=2"]
   procs = [subprocess.Popen(
       [sys.executable, "-m", "jaxrep.simulate", *args, f"--process_id={pid}"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      cwd=os.path.dirname(HERE)) for pid in range(2)]
+      cwd=repo_root) for pid in range(2)]
   logs = []
   try:
     for p in procs:
@@ -129,7 +130,7 @@ def test_main_job_on_two_hosts_matches_one_host(tmp_path):
   import json
   multi = json.loads((tmp_path / "results.json").read_text())
   assert multi["notes"][-1] == "multi-host: 2 processes, not checkpointed"
-  single = report.results_dict(protocol.run(protocol.SimConfig.from_flat(**CLI),
+  single = report.results_dict(protocol.run(SimConfig.from_flat(**CLI),
                                             progress=False))
   assert jax.device_count() == 8
   assert multi["providers"] == single["providers"]
