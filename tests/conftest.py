@@ -14,8 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def digits():
   """scikit-learn's bundled digits (embedded; no files needed)."""
-  from jaxrep.data import datasets  # pylint: disable=g-import-not-at-top
-  return datasets.load_dataset("digits")
+  from jaxrep import data  # pylint: disable=g-import-not-at-top
+  return data.load_dataset("digits")
 
 
 @pytest.fixture(scope="session")

@@ -1,1 +1,6 @@
-"""detect"""
+"""Detection: evidence pooled over replicated sub-runs, the detectors, and
+the detection metrics (TPR, FPR, AUROC)."""
+
+from jaxrep.detect.detectors import (DETECTORS, Evidence, Verdict, detect,
+                                     median_distances)
+from jaxrep.detect.metrics import auroc, fpr, roc_curve, tpr

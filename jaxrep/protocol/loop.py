@@ -26,7 +26,7 @@ from typing import Any, Callable
 from jaxrep.config import SimConfig
 from jaxrep.core import rng
 from jaxrep.core import trees
-from jaxrep.data import datasets as data_lib
+from jaxrep import data as data_lib
 from jaxrep.protocol.results import SimResult, evaluate
 from jaxrep.protocol.simulation import Simulation, setup
 from jaxrep.protocol.state import (EvidenceLog, ModelCheckpoint, Progress,

@@ -19,10 +19,10 @@ from jaxrep import config as config_lib
 from jaxrep.config import SimConfig
 from jaxrep.core import rng
 from jaxrep.core.errors import ConfigError, require
-from jaxrep.data import datasets as data_lib
+from jaxrep import data as data_lib
 from jaxrep import distances
 from jaxrep.detect import detectors as detect_lib
-from jaxrep.models import zoo as models_lib
+from jaxrep import models as models_lib
 from jaxrep.population import build as population_lib
 from jaxrep.population import divergence as div_lib
 from jaxrep.protocol import hostile as hostile_lib

@@ -5,6 +5,7 @@
   memory.py       memory model of a sub-run, provider-chunk planning
   distributed.py  multi-host start-up (`jax.distributed`)
   checkpoint.py   checkpoints of a simulation (orbax)
+  workdir.py      the work directory: checked, and held by one live run
 
 Runtime imports only `jaxrep.core`: the stages above it (data, models,
 train, distances ...) hand it what it needs (trainers, byte counts).

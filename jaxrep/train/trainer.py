@@ -11,9 +11,9 @@ leading provider axis):
 `sub_run` is `lax.scan` over the k steps of a `vmap` over providers. The batch of
 step t is `x_train[schedule[t]]`, gathered once and shared by every provider;
 each provider then applies its benign divergence (see `jaxrep.population.divergence`) and,
-if malicious, its behaviour (see `Hooks`). Benign is the zero behaviour, so a
-mixed population is ONE computation, compiled once per shape and reused for
-every sub-run.
+if malicious, its behaviour (through the `Hooks` of `jaxrep.population.behaviour`).
+Benign is the zero behaviour, so a mixed population is ONE computation, compiled
+once per shape and reused for every sub-run.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import numpy as np
 import optax
 
 from jaxrep.population import divergence as div_lib
+from jaxrep.population.behaviour import Hooks
 from jaxrep.core import rng as rng_lib
 from jaxrep.core.errors import ConfigError, require
-from jaxrep.models.zoo import Model
+from jaxrep.models import Model
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
@@ -116,38 +117,6 @@ class Population(NamedTuple):
   @property
   def size(self) -> int:
     return int(jax.tree_util.tree_leaves(self.params)[0].shape[0])
-
-
-class Hooks(NamedTuple):
-  """How a provider's behaviour enters the step (all pure, per provider).
-
-  poison_batch(behaviour, key, x, y) -> (x, y): what the provider trains on.
-  transform_update(behaviour, key, update) -> update: changes the optimizer
-    update of every step.
-  finalize(behaviour, start_params, end_params) -> params: what the provider
-    returns at the end of the sub-run (e.g. model replacement scales the
-    sub-run's update).
-  All receive ONE provider's behaviour (vmapped); benign behaviour must leave
-  their inputs unchanged.
-
-  Clean twins (optional, for adaptive attackers that need their own honest
-  result, see `jaxrep.population.adaptive`): with `twin_size` = c > 0, `sub_run` also
-  trains a clean twin of the (at most c) providers with `needs_twin(behaviour)`
-  true: same start, batches, keys and divergence, but no poisoning and no
-  update transform, i.e. bitwise the model that provider would return if it
-  were honest. Then, for those providers only,
-  finalize_twin(behaviour, key, start, end, clean_end) -> params replaces the
-  returned model. The twins are a cohort of static size c, so only they pay
-  the extra compute (c / n of a sub-run). twin_size 0 (default) compiles none
-  of this in.
-  """
-  poison_batch: Callable = lambda behaviour, key, x, y: (x, y)
-  transform_update: Callable = lambda behaviour, key, update: update
-  finalize: Callable = lambda behaviour, start, end: end
-  twin_size: int = 0
-  needs_twin: Callable = lambda behaviour: jnp.zeros(
-      jax.tree_util.tree_leaves(behaviour)[0].shape[:1], bool)
-  finalize_twin: Callable = lambda behaviour, key, start, end, clean_end: end
 
 
 class Trainer(NamedTuple):

@@ -1,30 +1,34 @@
-"""Tests of the adaptive adversaries (jaxrep.population.adaptive) and the cluster detector."""
-
-import dataclasses
+"""Tests of the adaptive adversaries (jaxrep.population.adaptive) on images
+and text, their calibration and populations (jaxrep.protocol.calibration)
+and the cluster detector against colluders."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrep.population import adaptive
-
-from jaxrep.train.schedule import batch_schedule
-from jaxrep.population import image_attacks as attacks
-from jaxrep.data import datasets as data
-from jaxrep.detect import detectors as detect
-from jaxrep.population import divergence
-from jaxrep.models import zoo as models
-from jaxrep.protocol import loop as protocol
-from jaxrep.train import trainer as train
+from jaxrep import data
+from jaxrep import models
+from jaxrep import protocol
+from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
+from jaxrep.detect import detectors as detect
+from jaxrep.population import adaptive
+from jaxrep.population import divergence
+from jaxrep.population.families.image import IMAGE
+from jaxrep.population.families.text import TEXT
+from jaxrep.protocol import calibration
+from jaxrep.train import trainer as train
+from jaxrep.train.schedule import batch_schedule
 
 N, K = 5, 5
+V, L, C = 200, 24, 4     # the text world: vocabulary, length, classes
 
 
-@pytest.fixture(scope="module")
-def digits():
-  return data.load_dataset("digits")
+def _sub_run_args(x, y, schedule):
+  keys = train.provider_keys(jax.random.key(1), N)
+  div = divergence.make_divergence(divergence.DivergenceConfig(), N)
+  return (jnp.asarray(x), jnp.asarray(y), jnp.asarray(schedule), keys, div)
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +36,16 @@ def world(digits):
   """A small digits sub-run: model, start population, inputs."""
   model = models.get_model("mlp", digits.num_classes, digits.input_shape)
   cfg = train.TrainConfig(learning_rate=0.05, total_steps=100)
-  plain = train.make_trainer(model, cfg)
-  pop = plain.init(jax.random.key(0), N)
-  schedule = jnp.asarray(batch_schedule(0, 0, K, 32,
-                                             len(digits.y_train)))
-  keys = train.provider_keys(jax.random.key(1), N)
-  div = divergence.make_divergence(divergence.DivergenceConfig(), N)
-  args = (jnp.asarray(digits.x_train), jnp.asarray(digits.y_train), schedule,
-          keys, div)
-  return dict(model=model, cfg=cfg, pop=pop, args=args, ds=digits)
+  pop = train.make_trainer(model, cfg).init(jax.random.key(0), N)
+  schedule = batch_schedule(0, 0, K, 32, len(digits.y_train))
+  return dict(model=model, cfg=cfg, pop=pop, ds=digits,
+              args=_sub_run_args(digits.x_train, digits.y_train, schedule))
 
 
 def _base(ds, malicious):
-  specs = attacks.population_specs(N, malicious, "badnets", num_classes=10,
-                                   poison_rate=0.25)
-  return adaptive.wrap(attacks.make_behaviour(specs, ds.input_shape, 10))
+  specs = IMAGE.population_specs(N, malicious, "badnets", num_classes=10,
+                                 poison_rate=0.25)
+  return adaptive.wrap(IMAGE.make_behaviour(specs, ds.input_shape, 10))
 
 
 def _trainer(world, hooks):
@@ -148,12 +147,14 @@ def test_mimicry_deviation_has_the_intended_scale(world, plain):
 
 def test_colluders_share_one_trigger(digits):
   b = adaptive.collude(_base(digits, 4), [0, 1, 2])
-  for field in ("mask", "pattern", "target", "poison_rate", "alpha"):
-    a = np.asarray(getattr(b, field))
+  for leaf in jax.tree_util.tree_leaves(b.base):
+    a = np.asarray(leaf)
     np.testing.assert_array_equal(a[1], a[0])
     np.testing.assert_array_equal(a[2], a[0])
-  own = np.asarray(b.pattern)[3] != np.asarray(b.pattern)[0]
-  own = own.any() or np.asarray(b.mask)[3].tolist() != np.asarray(b.mask)[0].tolist()
+  trigger = b.base.trigger
+  own = (np.asarray(trigger.pattern)[3] != np.asarray(trigger.pattern)[0]
+         ).any() or (np.asarray(trigger.mask)[3] != np.asarray(
+             trigger.mask)[0]).any()
   assert own                                      # provider 3: its own
   assert b.names()[:4] == ["collusion"] * 3 + ["badnets"]
 
@@ -166,6 +167,41 @@ def test_adaptive_validation(digits):
     adaptive.adapt(b, [2], "sporadic", 0.5)
   with pytest.raises(ConfigError, match="attack"):
     adaptive.adapt(b, [0], "steganography", 0.5)
+
+
+def test_adaptive_attackers_on_a_text_family():
+  """Every adaptive attack only touches the family-independent fields, so it
+  works on text as on images: a low-rate, a constrained and two colluding
+  token attackers train in one sub-run."""
+  r = np.random.default_rng(0)
+  x = r.integers(2, V, (400, L)).astype(np.int32)
+  x[np.arange(L)[None] >= r.integers(4, L, 400)[:, None]] = 0
+  y = r.integers(0, C, 400).astype(np.int32)
+  specs = TEXT.population_specs(N, 4, "token", num_classes=C, poison_rate=0.5)
+  b = adaptive.wrap(TEXT.make_behaviour(specs, (L,), C, V))
+  b = adaptive.adapt(b, [0], "low_rate", 2 / 32)
+  b = adaptive.adapt(b, [1], "constrained", 1.0, ratio=1e-3)
+  b = adaptive.collude(b, [2, 3])
+  assert b.names() == ["low_rate", "constrained", "collusion", "collusion",
+                       None]
+  np.testing.assert_allclose(b.base.poison_rate, [2 / 32, 0.5, 0.5, 0.5, 0])
+  np.testing.assert_array_equal(b.base.trigger.tokens[3],
+                                b.base.trigger.tokens[2])
+  model = models.get_model("text_cnn", C, (L,), vocab_size=V)
+  cfg = train.TrainConfig(learning_rate=0.05, total_steps=100)
+  hooks = adaptive.make_hooks(b)
+  assert hooks.twin_size == 1
+  pop = train.make_trainer(model, cfg).init(jax.random.key(0), N)
+  args = _sub_run_args(x, y, r.integers(0, len(y), (K, 32)).astype(np.int32))
+  out, _ = train.make_trainer(model, cfg, hooks=hooks).sub_run(pop, *args, b)
+  honest, _ = train.make_trainer(model, cfg).sub_run(pop, *args, b)
+  start, clean = _row(pop.params, 1), _row(honest.params, 1)
+  eps = 1e-3 * float(jnp.linalg.norm(clean - start))
+  dev = float(jnp.linalg.norm(_row(out.params, 1) - clean))
+  assert 0.99 * eps <= dev <= 1.001 * eps, (dev, eps)
+  np.testing.assert_array_equal(_row(out.params, 4), _row(honest.params, 4))
+  asr = TEXT.attack_success_rate(model, out.params, out.model_state, b, x, y)
+  assert asr.shape == (N,)
 
 
 def _two_groups(n_benign, n_coll, rng, lone=0):
@@ -200,13 +236,13 @@ def test_cluster_detector_tie_and_anchor():
 
 def test_protocol_run_with_adaptive_providers(digits):
   """Constrained at c = 1 evades KS; a plain backdoor beside it does not."""
-  cfg = protocol.SimConfig.from_flat(providers=6, malicious=2, steps=40,
-                           subrun_steps=20, replicated=2, attack_check=False,
-                           probe_size=32)
-  cal = adaptive.calibrate(cfg, digits)
+  cfg = SimConfig.from_flat(providers=6, malicious=2, steps=40,
+                            subrun_steps=20, replicated=2, attack_check=False,
+                            probe_size=32)
+  cal = calibration.calibrate(cfg, digits)
   assert 0 < cal.ratio < 1e-4
-  b = adaptive.wrap(attacks.make_behaviour(
-      attacks.population_specs(6, 2, "badnets", num_classes=10),
+  b = adaptive.wrap(IMAGE.make_behaviour(
+      IMAGE.population_specs(6, 2, "badnets", num_classes=10),
       digits.input_shape, 10))
   b = adaptive.adapt(b, [0], "constrained", 1.0, ratio=cal.ratio)
   r = protocol.run(cfg, progress=False, dataset=digits, behaviour=b,
@@ -217,3 +253,35 @@ def test_protocol_run_with_adaptive_providers(digits):
   d = r.matrices[0]
   benign = d[2:, 2:][np.triu_indices(4, 1)]
   assert np.median(d[0, 2:]) < 10 * np.median(benign)
+
+
+@pytest.fixture(scope="module")
+def texts():
+  return data.load_dataset("text_synthetic")
+
+
+@pytest.mark.parametrize("attack, strength, count, names", [
+    ("low_rate", 1 / 32, 2, ["low_rate"] * 2),
+    ("sporadic", 0.5, 2, ["sporadic"] * 2),
+    ("constrained", 3.0, 2, ["constrained"] * 2),
+    ("mimicry", 0.1, 2, ["mimicry"] * 2),
+    ("collusion", 0.5, 3, ["collusion"] * 3),
+])
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_populations_of_adaptive_attackers(digits, texts, modality, attack,
+                                           strength, count, names):
+  ds = digits if modality == "image" else texts
+  cfg = SimConfig.from_flat(providers=6, malicious=2, steps=40,
+                            subrun_steps=20, replicated=2)
+  setup = calibration.population(
+      cfg, ds, attack, strength,
+      calibration=calibration.Calibration(1.0, 1.0, 1e-3))
+  b = setup.behaviour
+  assert setup.malicious == count
+  assert b.names() == names + [None] * (6 - count)
+  assert b.base.family is (IMAGE if modality == "image" else TEXT)
+  assert setup.hooks.twin_size == (count if attack in ("constrained",
+                                                       "mimicry") else 0)
+  assert (setup.behaviour_for_subrun is None) == (attack != "sporadic")
+  rates = np.asarray(b.base.poison_rate)[:count]
+  np.testing.assert_allclose(rates, strength if attack == "low_rate" else 0.1)

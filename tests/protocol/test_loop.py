@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxrep.data import datasets as data_lib
+from jaxrep import data as data_lib
 from jaxrep import protocol
 from jaxrep.runtime import memory as memory_lib
 from jaxrep.config import SimConfig

@@ -12,7 +12,7 @@ import pytest
 from absl import flags as absl_flags
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from jaxrep.data import datasets as data_lib
+from jaxrep import data as data_lib
 from jaxrep.protocol import hostile
 from jaxrep import protocol
 from jaxrep.config import SimConfig
@@ -135,7 +135,7 @@ def test_hostile_providers_are_flagged_with_reasons_and_harm_no_one():
 def test_neutralized_rows_do_not_change_other_distances():
   import jax
   import jax.numpy as jnp
-  from jaxrep.distances import kernels as distances
+  from jaxrep import distances
   rng = np.random.default_rng(0)
   base = rng.normal(size=(1, 300)).astype(np.float32)
   rows = base + 1e-4 * rng.normal(size=(8, 300)).astype(np.float32)

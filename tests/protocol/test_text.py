@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxrep.data import datasets as data_lib
+from jaxrep import data as data_lib
 from jaxrep import protocol
 from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError

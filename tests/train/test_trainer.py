@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrep.data import datasets as data_lib
+from jaxrep import data as data_lib
 
 from jaxrep.train.schedule import batch_schedule
-from jaxrep.distances import kernels as distances
+from jaxrep import distances
 from jaxrep.population import divergence as div_lib
-from jaxrep.models import zoo as models
+from jaxrep import models
 from jaxrep.train import trainer as train
 from jaxrep.core.errors import ConfigError
 

@@ -1,0 +1,190 @@
+"""Provider behaviours as data, and how they enter training.
+
+A population's behaviour is a `Behaviour` pytree of per-provider arrays
+(leading axis [n]): the fields every attack family shares (which attack,
+poison rate, target, label-flip source, update scale) and the family's own
+`trigger` arrays. Benign is the zero behaviour (kind 0, poison rate 0), so a
+mixed population trains in ONE vmapped computation.
+
+Every family poisons, replaces models and counts attack successes with the
+same pure per-provider functions below; they differ only in the trigger
+function `trigger(b, key, x) -> x` they pass in. `Hooks` is how a behaviour
+enters the trainer's step (`jaxrep.train.trainer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrep.core import rng as rng_lib
+
+Trigger = Callable[..., jax.Array]   # (one provider's behaviour, key, x) -> x
+
+
+class Hooks(NamedTuple):
+  """How a provider's behaviour enters the step (all pure, per provider).
+
+  poison_batch(behaviour, key, x, y) -> (x, y): what the provider trains on.
+  transform_update(behaviour, key, update) -> update: changes the optimizer
+    update of every step.
+  finalize(behaviour, start_params, end_params) -> params: what the provider
+    returns at the end of the sub-run (e.g. model replacement scales the
+    sub-run's update).
+  All receive ONE provider's behaviour (vmapped); benign behaviour must leave
+  their inputs unchanged.
+
+  Clean twins (optional, for adaptive attackers that need their own honest
+  result, see `jaxrep.population.adaptive`): with `twin_size` = c > 0, the
+  trainer's `sub_run` also trains a clean twin of the (at most c) providers
+  with `needs_twin(behaviour)` true: same start, batches, keys and
+  divergence, but no poisoning and no update transform, i.e. bitwise the
+  model that provider would return if it were honest. Then, for those
+  providers only, finalize_twin(behaviour, key, start, end, clean_end) ->
+  params replaces the returned model. The twins are a cohort of static size
+  c, so only they pay the extra compute (c / n of a sub-run). twin_size 0
+  (default) compiles none of this in.
+  """
+  poison_batch: Callable = lambda behaviour, key, x, y: (x, y)
+  transform_update: Callable = lambda behaviour, key, update: update
+  finalize: Callable = lambda behaviour, start, end: end
+  twin_size: int = 0
+  needs_twin: Callable = lambda behaviour: jnp.zeros(
+      jax.tree_util.tree_leaves(behaviour)[0].shape[:1], bool)
+  finalize_twin: Callable = lambda behaviour, key, start, end, clean_end: end
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=("kind", "poison_rate", "target", "source", "scale",
+                 "trigger"),
+    meta_fields=("family",))
+@dataclasses.dataclass(frozen=True, eq=False)
+class Behaviour:
+  """Per-provider behaviour; every array has a leading provider axis [n].
+
+  Attributes:
+    kind: int32, 0 = benign, k > 0 = the family's k-th attack.
+    poison_rate: float32 in [0, 1].
+    target: int32 target label.
+    source: int32 source class of label_flip, else -1.
+    scale: float32 factor on the returned update (1 = none).
+    trigger: the family's trigger arrays (a pytree, leading axis [n]).
+    family: the `Family` that built it (static).
+  """
+  kind: jax.Array
+  poison_rate: jax.Array
+  target: jax.Array
+  source: jax.Array
+  scale: jax.Array
+  trigger: Any
+  family: Any = dataclasses.field(repr=False)
+
+  @property
+  def size(self) -> int:
+    return int(self.kind.shape[0])
+
+  @property
+  def malicious(self) -> np.ndarray:
+    return np.asarray(self.kind) != 0
+
+  @property
+  def plain(self) -> "Behaviour":
+    """The plain attack behaviour: itself (a wrapper such as
+    `adaptive.Adaptive` returns the one it wraps)."""
+    return self
+
+  def names(self) -> list[str | None]:
+    attacks = self.family.attacks
+    return [None if k == 0 else attacks[int(k) - 1]
+            for k in np.asarray(self.kind)]
+
+  def is_attack(self, name: str):
+    """Where the provider runs attack `name` (traceable)."""
+    return self.kind == self.family.kind(name)
+
+
+def stack(rows, cls, dtype):
+  """Per-provider rows (tuples of numpy arrays / numbers) as a `cls` of
+  stacked arrays of `dtype`."""
+  return cls(*(jnp.asarray(np.stack(column), dtype) for column in zip(*rows)))
+
+
+# ----------------------------------------------------------------------------
+# Inside the sub-run: pure functions of ONE provider's behaviour.
+
+
+def poison_batch(trigger: Trigger, b: Behaviour, key, x, y):
+  """Poisons the first round(poison_rate * B) examples of the batch.
+
+  Trigger attacks put the trigger into them and relabel them to the target;
+  label_flip relabels those of them whose class is `source`.
+  """
+  batch = y.shape[0]
+  chosen = jnp.arange(batch) < jnp.round(b.poison_rate * batch)
+  flip = b.is_attack("label_flip")
+  relabel = chosen & jnp.where(flip, y == b.source, True)
+  triggered = relabel & ~flip
+  per_example = triggered.reshape(triggered.shape + (1,) * (x.ndim - 1))
+  x = jnp.where(per_example, trigger(b, key, x), x)
+  return x, jnp.where(relabel, b.target, y)
+
+
+def finalize(b: Behaviour, start_params, end_params):
+  """Model replacement: return start + scale * (end - start)."""
+  return jax.tree_util.tree_map(lambda s, e: s + b.scale * (e - s),
+                                start_params, end_params)
+
+
+def make_hooks(trigger: Trigger, behaviour: Behaviour) -> Hooks:
+  """Hooks for `train.make_trainer`; model replacement only if some provider
+  uses it."""
+  use_scale = bool(np.any(np.asarray(behaviour.scale) != 1.0))
+  return Hooks(poison_batch=functools.partial(poison_batch, trigger),
+               finalize=finalize if use_scale else Hooks().finalize)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation, vectorized over providers.
+
+
+def attack_success_rate(trigger: Trigger, model, params, model_state,
+                        behaviour: Behaviour, x_test, y_test, *,
+                        batch_size: int = 1000, seed: int = 0) -> np.ndarray:
+  """ASR of every provider's model for the provider's own trigger: [n].
+
+  Trigger attacks: share of triggered test inputs whose true class is not the
+  target that the model classifies as the target (random parts of a trigger,
+  e.g. a text trigger's position, come from the `text_asr` stream of `seed`
+  and the batch, so the result is deterministic). label_flip: share of clean
+  test inputs of class `source` classified as the target. Benign providers
+  are measured with their reference trigger (the base rate).
+  """
+  x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
+  hits = jnp.zeros(behaviour.size)
+  counts = jnp.zeros(behaviour.size)
+  for start in range(0, x_test.shape[0], batch_size):
+    h, c = _count_successes(model, trigger, params, model_state, behaviour,
+                            rng_lib.text_asr(seed, start),
+                            x_test[start:start + batch_size],
+                            y_test[start:start + batch_size])
+    hits, counts = hits + h, counts + c
+  return np.asarray(hits / jnp.maximum(counts, 1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _count_successes(model, trigger, params, model_state, behaviour, key, x,
+                     y):
+  def one(p, s, b):
+    flip = b.is_attack("label_flip")
+    eligible = jnp.where(flip, y == b.source, y != b.target)
+    xt = jnp.where(flip, x, trigger(b, key, x))
+    logits, _ = model.predict(p, s, xt)
+    hit = (jnp.argmax(logits, -1) == b.target) & eligible
+    return jnp.sum(hit), jnp.sum(eligible)
+  return jax.vmap(one)(params, model_state, behaviour)
