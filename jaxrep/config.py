@@ -23,11 +23,10 @@ in `jaxrep.population` and validated by the attack's own spec.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Iterator
 
 from jaxrep.core import validate as V
-from jaxrep.core.errors import ConfigError, require
+from jaxrep.core.errors import require
 
 AUTO = "auto"
 
@@ -136,7 +135,7 @@ class ProtocolConfig:
   replicated: int = field(5, "sub-runs m the client replicates on all "
                           "providers", check=V.integer(1))
   recovery: str = field(
-      "none", "what the client does when it flags providers: rollback (return "
+      "rollback", "what the client does when it flags providers: rollback (return "
       "to the last checkpoint no flagged provider contributed to and "
       "re-execute every later sub-run with trusted providers) or none (keep "
       "the model)", check=V.one_of(("rollback", "none")))

@@ -104,7 +104,7 @@ def main(argv) -> None:
                                    FLAGS.num_processes, FLAGS.process_id)
     lead = distributed.is_coordinator()
     if lead:
-      claim = workdir.Claim(FLAGS.out)  # noqa: F841  (held until exit)
+      _claim = workdir.Claim(FLAGS.out)  # held until the process exits
     # Multi-process runs are not checkpointed: orbax would need a directory
     # shared by all hosts.
     result = protocol.run(config, progress=FLAGS.progress and lead,

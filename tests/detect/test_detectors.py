@@ -155,3 +155,33 @@ def test_tpr_fpr():
   mal = np.array([1, 1, 1, 0, 0, 0], bool)
   assert metrics.tpr(flags, mal) == pytest.approx(2 / 3)
   assert metrics.fpr(flags, mal) == pytest.approx(1 / 3)
+
+
+def _two_groups(n_benign, n_coll, rng, lone=0):
+  """Benign at 1e-6 scale, colluders tight around a far point, lone far."""
+  pts = [rng.normal(0, 1e-6, (n_benign, 4)),
+         np.array([5.0, 0, 0, 0]) + rng.normal(0, 1e-6, (n_coll, 4)),
+         rng.normal(0, 3.0, (lone, 4)) + 10]
+  x = np.concatenate(pts)
+  return np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+
+
+@pytest.mark.parametrize("coll", [2, 4, 6])
+def test_cluster_detector_flags_a_minority_group(coll):
+  n = 16
+  d = _two_groups(n - coll - 1, coll, np.random.default_rng(coll), lone=1)
+  ev = detect.Evidence()
+  ev.add(d, np.ones(n, bool))
+  v = detect.detect("cluster", ev, n, ks_margin=10.0)
+  want = np.arange(n) >= n - coll - 1
+  np.testing.assert_array_equal(v.flags, want)
+
+
+def test_cluster_detector_tie_and_anchor():
+  n = 16
+  ev = detect.Evidence()
+  ev.add(_two_groups(8, 8, np.random.default_rng(0)), np.ones(n, bool))
+  assert not detect.detect("cluster", ev, n).flags.any()   # 50/50: undecided
+  assert not detect.detect("ks", ev, n, ks_margin=10.0).flags.any()
+  v = detect.cluster_detector(ev, n, 10.0, anchor=0)
+  np.testing.assert_array_equal(v.flags, np.arange(n) >= 8)

@@ -7,17 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrep import data
 from jaxrep import models
-from jaxrep import protocol
-from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
-from jaxrep.detect import detectors as detect
 from jaxrep.population import adaptive
 from jaxrep.population import divergence
 from jaxrep.population.families.image import IMAGE
 from jaxrep.population.families.text import TEXT
-from jaxrep.protocol import calibration
 from jaxrep.train import trainer as train
 from jaxrep.train.schedule import batch_schedule
 
@@ -202,86 +197,3 @@ def test_adaptive_attackers_on_a_text_family():
   np.testing.assert_array_equal(_row(out.params, 4), _row(honest.params, 4))
   asr = TEXT.attack_success_rate(model, out.params, out.model_state, b, x, y)
   assert asr.shape == (N,)
-
-
-def _two_groups(n_benign, n_coll, rng, lone=0):
-  """Benign at 1e-6 scale, colluders tight around a far point, lone far."""
-  pts = [rng.normal(0, 1e-6, (n_benign, 4)),
-         np.array([5.0, 0, 0, 0]) + rng.normal(0, 1e-6, (n_coll, 4)),
-         rng.normal(0, 3.0, (lone, 4)) + 10]
-  x = np.concatenate(pts)
-  return np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
-
-
-@pytest.mark.parametrize("coll", [2, 4, 6])
-def test_cluster_detector_flags_a_minority_group(coll):
-  n = 16
-  d = _two_groups(n - coll - 1, coll, np.random.default_rng(coll), lone=1)
-  ev = detect.Evidence()
-  ev.add(d, np.ones(n, bool))
-  v = detect.detect("cluster", ev, n, ks_margin=10.0)
-  want = np.arange(n) >= n - coll - 1
-  np.testing.assert_array_equal(v.flags, want)
-
-
-def test_cluster_detector_tie_and_anchor():
-  n = 16
-  ev = detect.Evidence()
-  ev.add(_two_groups(8, 8, np.random.default_rng(0)), np.ones(n, bool))
-  assert not detect.detect("cluster", ev, n).flags.any()   # 50/50: undecided
-  assert not detect.detect("ks", ev, n, ks_margin=10.0).flags.any()
-  v = detect.cluster_detector(ev, n, 10.0, anchor=0)
-  np.testing.assert_array_equal(v.flags, np.arange(n) >= 8)
-
-
-def test_protocol_run_with_adaptive_providers(digits):
-  """Constrained at c = 1 evades KS; a plain backdoor beside it does not."""
-  cfg = SimConfig.from_flat(providers=6, malicious=2, steps=40,
-                            subrun_steps=20, replicated=2, attack_check=False,
-                            probe_size=32)
-  cal = calibration.calibrate(cfg, digits)
-  assert 0 < cal.ratio < 1e-4
-  b = adaptive.wrap(IMAGE.make_behaviour(
-      IMAGE.population_specs(6, 2, "badnets", num_classes=10),
-      digits.input_shape, 10))
-  b = adaptive.adapt(b, [0], "constrained", 1.0, ratio=cal.ratio)
-  r = protocol.run(cfg, progress=False, dataset=digits, behaviour=b,
-                   hooks=adaptive.make_hooks(b))
-  assert r.attack_names[:3] == ["constrained", "badnets", None]
-  assert r.flags[1] and not r.flags[0] and not r.flags[2:].any()
-  # Its distances look benign: within 10x of the benign-benign ones.
-  d = r.matrices[0]
-  benign = d[2:, 2:][np.triu_indices(4, 1)]
-  assert np.median(d[0, 2:]) < 10 * np.median(benign)
-
-
-@pytest.fixture(scope="module")
-def texts():
-  return data.load_dataset("text_synthetic")
-
-
-@pytest.mark.parametrize("attack, strength, count, names", [
-    ("low_rate", 1 / 32, 2, ["low_rate"] * 2),
-    ("sporadic", 0.5, 2, ["sporadic"] * 2),
-    ("constrained", 3.0, 2, ["constrained"] * 2),
-    ("mimicry", 0.1, 2, ["mimicry"] * 2),
-    ("collusion", 0.5, 3, ["collusion"] * 3),
-])
-@pytest.mark.parametrize("modality", ["image", "text"])
-def test_populations_of_adaptive_attackers(digits, texts, modality, attack,
-                                           strength, count, names):
-  ds = digits if modality == "image" else texts
-  cfg = SimConfig.from_flat(providers=6, malicious=2, steps=40,
-                            subrun_steps=20, replicated=2)
-  setup = calibration.population(
-      cfg, ds, attack, strength,
-      calibration=calibration.Calibration(1.0, 1.0, 1e-3))
-  b = setup.behaviour
-  assert setup.malicious == count
-  assert b.names() == names + [None] * (6 - count)
-  assert b.base.family is (IMAGE if modality == "image" else TEXT)
-  assert setup.hooks.twin_size == (count if attack in ("constrained",
-                                                       "mimicry") else 0)
-  assert (setup.behaviour_for_subrun is None) == (attack != "sporadic")
-  rates = np.asarray(b.base.poison_rate)[:count]
-  np.testing.assert_allclose(rates, strength if attack == "low_rate" else 0.1)

@@ -38,6 +38,11 @@ def test_small_run_detects_and_protects_the_client(small_run):
   assert s["tpr"] == 1.0 and s["fpr"] == 0.0 and s["auroc"] == 1.0
   assert s["overhead_steps"] == 2 * 20 * 5
   assert len(r.matrices) == 2 and r.matrices[0].shape == (6, 6)
+  # The client's model carries no backdoor (its ASR against every attacker's
+  # trigger is at the benign providers' base rate) and lost no accuracy.
+  base_rate = r.attack_success_rate[~r.malicious].max()
+  assert s["final_attack_success_rate"] <= base_rate + 0.05, s
+  assert s["final_clean_accuracy"] >= s["benign_mean_clean_accuracy"] - 0.02
   # Flagged providers take part in no later replicated sub-run.
   for i in np.flatnonzero(r.flags):
     later = [m for s_, m in zip(r.replicated_subruns, r.members)

@@ -1,0 +1,66 @@
+"""Adaptive attackers in the protocol: calibration against benign
+divergence, and populations of adaptive attackers on both modalities."""
+
+import numpy as np
+import pytest
+
+from jaxrep import data
+from jaxrep import protocol
+from jaxrep.config import SimConfig
+from jaxrep.population import adaptive
+from jaxrep.population.families.image import IMAGE
+from jaxrep.population.families.text import TEXT
+from jaxrep.protocol import calibration
+
+
+def test_protocol_run_with_adaptive_providers(digits):
+  """Constrained at c = 1 evades KS; a plain backdoor beside it does not."""
+  cfg = SimConfig.from_flat(providers=6, malicious=2, steps=40,
+                            subrun_steps=20, replicated=2, attack_check=False,
+                            probe_size=32)
+  cal = calibration.calibrate(cfg, digits)
+  assert 0 < cal.ratio < 1e-4
+  b = adaptive.wrap(IMAGE.make_behaviour(
+      IMAGE.population_specs(6, 2, "badnets", num_classes=10),
+      digits.input_shape, 10))
+  b = adaptive.adapt(b, [0], "constrained", 1.0, ratio=cal.ratio)
+  r = protocol.run(cfg, progress=False, dataset=digits, behaviour=b,
+                   hooks=adaptive.make_hooks(b))
+  assert r.attack_names[:3] == ["constrained", "badnets", None]
+  assert r.flags[1] and not r.flags[0] and not r.flags[2:].any()
+  # Its distances look benign: within 10x of the benign-benign ones.
+  d = r.matrices[0]
+  benign = d[2:, 2:][np.triu_indices(4, 1)]
+  assert np.median(d[0, 2:]) < 10 * np.median(benign)
+
+
+@pytest.fixture(scope="module")
+def texts():
+  return data.load_dataset("text_synthetic")
+
+
+@pytest.mark.parametrize("attack, strength, count, names", [
+    ("low_rate", 1 / 32, 2, ["low_rate"] * 2),
+    ("sporadic", 0.5, 2, ["sporadic"] * 2),
+    ("constrained", 3.0, 2, ["constrained"] * 2),
+    ("mimicry", 0.1, 2, ["mimicry"] * 2),
+    ("collusion", 0.5, 3, ["collusion"] * 3),
+])
+@pytest.mark.parametrize("modality", ["image", "text"])
+def test_populations_of_adaptive_attackers(digits, texts, modality, attack,
+                                           strength, count, names):
+  ds = digits if modality == "image" else texts
+  cfg = SimConfig.from_flat(providers=6, malicious=2, steps=40,
+                            subrun_steps=20, replicated=2)
+  setup = calibration.population(
+      cfg, ds, attack, strength,
+      calibration=calibration.Calibration(1.0, 1.0, 1e-3))
+  b = setup.behaviour
+  assert setup.malicious == count
+  assert b.names() == names + [None] * (6 - count)
+  assert b.base.family is (IMAGE if modality == "image" else TEXT)
+  assert setup.hooks.twin_size == (count if attack in ("constrained",
+                                                       "mimicry") else 0)
+  assert (setup.behaviour_for_subrun is None) == (attack != "sporadic")
+  rates = np.asarray(b.base.poison_rate)[:count]
+  np.testing.assert_allclose(rates, strength if attack == "low_rate" else 0.1)
