@@ -192,8 +192,6 @@ def test_resnet_batch_stats_are_carried_per_provider(digits):
   assert np.all(np.isfinite(np.asarray(losses)))
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet20"])
-
 def test_evaluate_matches_manual_accuracy(digits):
   model = models.get_model("mlp", 10, digits.input_shape)
   trainer = train.make_trainer(model, train.TrainConfig())
