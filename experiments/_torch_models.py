@@ -1,7 +1,7 @@
 """PyTorch mirrors of jaxrep's MLP and CNN, for the throughput baseline.
 
 `build(name, num_classes, input_shape)` returns an `nn.Sequential` with the same
-layers and parameter count as `jaxrep.models.zoo.get_model(name, ...)`;
+layers and parameter count as `jaxrep.models.get_model(name, ...)`;
 `load_flax_params(module, params)` copies a flax parameter tree into it, so the
 PyTorch baseline trains the very same checkpoint. Inputs are NCHW for the CNN
 and flat [B, H*W*C] (flattened in NHWC order, as flax does) for the MLP.
@@ -27,13 +27,13 @@ def build(name: str, num_classes: int, input_shape) -> nn.Sequential:
   """The PyTorch mirror of jaxrep model `name` ("mlp" or "cnn")."""
   h, w, c = input_shape
   if name == "mlp":
-    # jaxrep.models.zoo.MLP: hidden (256, 256), ReLU.
+    # jaxrep.models.MLP: hidden (256, 256), ReLU.
     return nn.Sequential(
         nn.Linear(h * w * c, 256), nn.ReLU(),
         nn.Linear(256, 256), nn.ReLU(),
         nn.Linear(256, num_classes))
   if name == "cnn":
-    # jaxrep.models.zoo.CNN: conv5x5 SAME 16 / 32, each + ReLU + 2x2 max-pool
+    # jaxrep.models.CNN: conv5x5 SAME 16 / 32, each + ReLU + 2x2 max-pool
     # (pool only while the map is at least 2x2), dense 128, 64, classes.
     layers: list[nn.Module] = []
     for ch in (16, 32):

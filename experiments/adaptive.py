@@ -29,7 +29,6 @@ sub-runs), the attacker for which m matters.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -37,14 +36,12 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
 
-from jaxrep.population import adaptive
-from jaxrep.data import datasets as data_lib
-from jaxrep.detect import detectors as detect
-from jaxrep.detect import metrics
-from jaxrep import protocol
+import _common
+from jaxrep import data, detect, protocol, report
 from jaxrep.config import SimConfig
-from jaxrep.report.outputs import versions, write_json_atomic
+from jaxrep.protocol import calibration
 
 KNOBS = {
     "low_rate": [1 / 32, 2 / 32, 4 / 32, 8 / 32],
@@ -60,6 +57,20 @@ KNOB_NAME = {"low_rate": "poison rate", "sporadic": "share of sub-runs",
              "mimicry": "keep (share of backdoor deviation)",
              "collusion": "colluding share of n"}
 LOG_KNOBS = ("constrained", "mimicry")
+
+flags.DEFINE_enum("study", "evasion", ("evasion", "sensitivity"), "the study")
+_common.define_list("attacks", ",".join(KNOBS), "adaptive attacks of the "
+                    "evasion study", choices=KNOBS)
+_common.define_list("seeds", "0", "seeds of the runs", kind=int)
+flags.DEFINE_integer("attackers", 4, "adaptive attackers per run (collusion: "
+                     "its share)")
+flags.DEFINE_string("dataset", "digits", "dataset of the runs")
+flags.DEFINE_bool("quick", False, "fewer steps and knob values, for a smoke "
+                  "run")
+flags.DEFINE_string("out", None, "directory for PNG plots")
+flags.DEFINE_string("json", None, "write rows and tables to this JSON")
+flags.DEFINE_string("replot", None, "only redraw the plots of this JSON into "
+                    "--out")
 
 
 def replay_flags(result, detector: str, *, anchor: int | None = None,
@@ -77,22 +88,22 @@ def replay_flags(result, detector: str, *, anchor: int | None = None,
     if active.sum() < 2:
       break
     ev.add(d, active.copy())
-    v = detect.cluster_detector(ev, n, margin, anchor=anchor)
+    v = detect.detectors.cluster_detector(ev, n, margin, anchor=anchor)
     active &= ~(v.flags & ev.members[-1])
   return ~active
 
 
-def run_point(cfg, ds, attack: str, knob: float, calibration) -> dict:
+def run_point(cfg, ds, attack: str, knob: float, cal) -> dict:
   """One protocol run of `attack` at `knob`; the row of the tables."""
   name = "sporadic" if attack == "sporadic_last" else attack
   placement = "last" if attack == "sporadic_last" else "random"
-  setup = adaptive.population(cfg, ds, name, knob, malicious=cfg.malicious,
-                              calibration=calibration, placement=placement)
-  cfg = cfg.replace(malicious=setup.malicious)
+  adv = calibration.population(cfg, ds, name, knob, malicious=cfg.malicious,
+                                calibration=cal, placement=placement)
+  cfg = cfg.replace(malicious=adv.malicious)
   t0 = time.time()
   res = protocol.run(cfg, progress=False, dataset=ds,
-                     behaviour=setup.behaviour, hooks=setup.hooks,
-                     behaviour_for_subrun=setup.behaviour_for_subrun,
+                     behaviour=adv.behaviour, hooks=adv.hooks,
+                     behaviour_for_subrun=adv.behaviour_for_subrun,
                      record_metrics=("l2",))
   mal = res.malicious
   asr = res.attack_success_rate[mal]
@@ -111,9 +122,9 @@ def run_point(cfg, ds, attack: str, knob: float, calibration) -> dict:
              client_clean_acc=s["final_clean_accuracy"],
              no_defense_asr=s["no_defense_attack_success_rate"],
              auroc_ks=s["auroc"], seconds=time.time() - t0)
-  for k, flags in det.items():
-    row[f"identified_{k}"] = int(flags[mal].sum())
-    row[f"false_flags_{k}"] = int(flags[~mal].sum())
+  for k, flagged in det.items():
+    row[f"identified_{k}"] = int(flagged[mal].sum())
+    row[f"false_flags_{k}"] = int(flagged[~mal].sum())
   row["evaded_ks"] = int(((asr >= 0.5) & ~res.flags[mal]).sum())
   row["evaded_cluster"] = int(((asr >= 0.5) & ~det["cluster"][mal]).sum())
   return row
@@ -198,7 +209,7 @@ def evasion(args, ds) -> dict:
   for seed in args.seeds:
     cfg = SimConfig.from_flat(seed=seed, malicious=args.attackers,
                              probe_size=64, **args.setting)
-    cal = adaptive.calibrate(cfg, ds)
+    cal = calibration.calibrate(cfg, ds)
     print(f"[seed {seed}] calibration: benign distance {cal.distance:.3g}, "
           f"update norm {cal.update_norm:.3g}, ratio {cal.ratio:.3g}",
           file=sys.stderr, flush=True)
@@ -226,11 +237,11 @@ def sens_point(cfg, ds, attack=None, knob=None) -> dict:
   """Detection of one run (no attack check): KS and cluster, TPR / FPR."""
   kw = {}
   if attack is not None:
-    setup = adaptive.population(cfg, ds, attack, knob,
-                                malicious=cfg.malicious)
-    cfg = cfg.replace(malicious=setup.malicious)
-    kw = dict(behaviour=setup.behaviour, hooks=setup.hooks,
-              behaviour_for_subrun=setup.behaviour_for_subrun)
+    adv = calibration.population(cfg, ds, attack, knob,
+                                 malicious=cfg.malicious)
+    cfg = cfg.replace(malicious=adv.malicious)
+    kw = dict(behaviour=adv.behaviour, hooks=adv.hooks,
+              behaviour_for_subrun=adv.behaviour_for_subrun)
   res = protocol.run(cfg, progress=False, dataset=ds, record_metrics=("l2",),
                      **kw)
   mal = res.malicious
@@ -238,10 +249,10 @@ def sens_point(cfg, ds, attack=None, knob=None) -> dict:
   d = res.recorded["l2"][0]
   ben = np.flatnonzero(~mal)
   bb = d[np.ix_(ben, ben)][np.triu_indices(ben.size, 1)]
-  return dict(tpr_ks=metrics.tpr(res.flags, mal),
-              fpr_ks=metrics.fpr(res.flags, mal),
-              tpr_cluster=metrics.tpr(cl, mal),
-              fpr_cluster=metrics.fpr(cl, mal),
+  return dict(tpr_ks=detect.tpr(res.flags, mal),
+              fpr_ks=detect.fpr(res.flags, mal),
+              tpr_cluster=detect.tpr(cl, mal),
+              fpr_cluster=detect.fpr(cl, mal),
               benign_distance=float(np.median(bb)),
               benign_malicious_distance=float(np.median(
                   d[np.ix_(ben, np.flatnonzero(mal))])),
@@ -356,22 +367,8 @@ def plot_sensitivity(rows, out):
   plt.close(fig)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--study", default="evasion",
-                  choices=("evasion", "sensitivity"))
-  ap.add_argument("--attacks", default=",".join(KNOBS))
-  ap.add_argument("--seeds", default="0")
-  ap.add_argument("--attackers", type=int, default=4,
-                  help="adaptive attackers per run (collusion: its share)")
-  ap.add_argument("--dataset", default="digits")
-  ap.add_argument("--quick", action="store_true",
-                  help="fewer steps and knob values, for a smoke run")
-  ap.add_argument("--out", default=None, help="directory for PNG plots")
-  ap.add_argument("--json", default=None)
-  ap.add_argument("--replot", default=None,
-                  help="only redraw the plots of this JSON into --out")
-  args = ap.parse_args(argv)
+def main():
+  args = _common.script_args()
   if args.replot:
     with open(args.replot) as f:
       saved = json.load(f)
@@ -383,27 +380,22 @@ def main(argv=None):
     else:
       plot_sensitivity(saved["rows"], args.out)
     return
-  args.seeds = [int(s) for s in args.seeds.split(",")]
-  args.attacks = args.attacks.split(",")
-  for a in args.attacks:
-    if a not in KNOBS:
-      ap.error(f"--attacks: unknown {a!r}; choose from {', '.join(KNOBS)}")
   args.setting = dict(dataset=args.dataset)
-  if args.quick:
-    args.setting.update(steps=100, replicated=2)
+  if args.quick:   # 80 steps: a multiple of every k of the frontier grid
+    args.setting.update(steps=80, replicated=2)
   if args.out:
     os.makedirs(args.out, exist_ok=True)
-  ds = data_lib.load_dataset(args.dataset)
+  ds = data.load_dataset(args.dataset)
   t0 = time.time()
   result = evasion(args, ds) if args.study == "evasion" else sensitivity(
       args, ds)
   print(result["markdown"])
   if args.json:
-    write_json_atomic(args.json, dict(
-        result, study=args.study, versions=versions(),
+    report.write_json_atomic(args.json, dict(
+        result, study=args.study, versions=report.versions(),
         load_average=os.getloadavg(), wall_seconds=time.time() - t0,
         command=" ".join(sys.argv)))
 
 
 if __name__ == "__main__":
-  main()
+  _common.run(main)

@@ -10,21 +10,30 @@ is the zero behaviour), from the same initialisation, on the same batches.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+from absl import flags
 
-from jaxrep.population import image_attacks as A
-from jaxrep.data import datasets as data_lib
-from jaxrep.population import divergence as div_lib
-from jaxrep.models import zoo as models
-from jaxrep.train import trainer as train
-from jaxrep.report.outputs import versions, write_json_atomic
+import _common
+from jaxrep import data, population, protocol, report, train
+from jaxrep.config import SimConfig
+
+flags.DEFINE_string("dataset", "digits", "image dataset (see "
+                    "python -m jaxrep.simulate --helpfull)")
+flags.DEFINE_string("data_dir", None, "directory of the dataset's files")
+flags.DEFINE_string("model", "mlp", "image model")
+flags.DEFINE_integer("steps", 400, "training steps of the run")
+flags.DEFINE_integer("subrun_steps", 50, "steps per compiled sub-run")
+flags.DEFINE_integer("batch_size", 32, "examples per step")
+flags.DEFINE_float("learning_rate", 0.05, "peak learning rate (cosine)")
+flags.DEFINE_integer("trigger_size", 0, "0: 2 for 8x8 images, 3 otherwise")
+flags.DEFINE_float("scale_factor", 2.0, "model replacement factor")
+flags.DEFINE_float("warp_strength", 1.5, "WaNet-style warp in pixels")
+flags.DEFINE_integer("seed", 0, "seed of everything")
+flags.DEFINE_string("json", None, "write the rows to this JSON")
 
 
 def attack_suite(trigger_size: int, scale_factor: float = 2.0,
@@ -34,75 +43,57 @@ def attack_suite(trigger_size: int, scale_factor: float = 2.0,
       ("benign", None),
       ("benign", None),
       ("badnets (corner, checkerboard)",
-       A.BadNets(target=3, size=trigger_size, location="bottom_right")),
+       population.BadNets(target=3, size=trigger_size,
+                          location="bottom_right")),
       ("badnets (random place, random pattern)",
-       A.BadNets(target=8, size=trigger_size, location="random",
-                 pattern="random")),
-      ("blend (alpha 0.2)", A.Blend(target=5, alpha=0.2)),
-      ("label_flip (1 -> 7)", A.LabelFlip(source=1, target=7)),
+       population.BadNets(target=8, size=trigger_size, location="random",
+                          pattern="random")),
+      ("blend (alpha 0.2)", population.Blend(target=5, alpha=0.2)),
+      ("label_flip (1 -> 7)", population.LabelFlip(source=1, target=7)),
       (f"scaling (model replacement x{scale_factor:g})",
-       A.Scaling(target=2, size=trigger_size, factor=scale_factor)),
+       population.Scaling(target=2, size=trigger_size, factor=scale_factor)),
       (f"warp (WaNet-style, {warp_strength:g} px)",
-       A.Warp(target=4, strength=warp_strength)),
+       population.Warp(target=4, strength=warp_strength)),
   ]
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--dataset", default="digits")
-  ap.add_argument("--data_dir", default=None)
-  ap.add_argument("--model", default="mlp")
-  ap.add_argument("--steps", type=int, default=400)
-  ap.add_argument("--subrun_steps", type=int, default=50)
-  ap.add_argument("--batch_size", type=int, default=32)
-  ap.add_argument("--learning_rate", type=float, default=0.05)
-  ap.add_argument("--trigger_size", type=int, default=0,
-                  help="0: 2 for 8x8 images, 3 otherwise")
-  ap.add_argument("--scale_factor", type=float, default=2.0)
-  ap.add_argument("--warp_strength", type=float, default=1.5)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--json", default=None)
-  args = ap.parse_args(argv)
-
-  ds = data_lib.load_dataset(args.dataset, args.data_dir)
+def main():
+  args = _common.script_args()
+  ds = data.load_dataset(args.dataset, args.data_dir)
   size = args.trigger_size or (2 if ds.input_shape[0] <= 8 else 3)
   suite = attack_suite(size, args.scale_factor, args.warp_strength)
-  names = [s[0] for s in suite]
   specs = [s[1] for s in suite]
-  behaviour = A.make_behaviour(specs, ds.input_shape, ds.num_classes,
-                               seed=args.seed)
-  model = models.get_model(args.model, ds.num_classes, ds.input_shape)
-  cfg = train.TrainConfig(learning_rate=args.learning_rate, schedule="cosine",
-                          total_steps=args.steps, batch_size=args.batch_size)
-  trainer = train.make_trainer(model, cfg, div_lib.DivergenceConfig(),
-                               A.make_hooks(behaviour))
   n = len(specs)
-  pop = trainer.init(jax.random.key(args.seed), n)
-  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-  div = div_lib.make_divergence(div_lib.DivergenceConfig(), n, args.seed)
+  behaviour = population.IMAGE.make_behaviour(
+      specs, ds.input_shape, ds.num_classes, seed=args.seed)
+  config = SimConfig.from_flat(
+      dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+      providers=n, malicious=int(behaviour.malicious.sum()),
+      steps=args.steps, subrun_steps=args.subrun_steps, replicated=1,
+      batch_size=args.batch_size, learning_rate=args.learning_rate,
+      schedule="cosine", seed=args.seed)
+  sim = protocol.setup(config, dataset=ds, behaviour=behaviour)
+  # Every provider's own full run: the protocol's attack check.
+  pop = protocol.initial_state(sim).own
   t0 = time.time()
-  k = args.subrun_steps
-  for s in range(args.steps // k):
-    schedule = jnp.asarray(data_lib.batch_schedule(args.seed, s, k,
-                                                   args.batch_size, len(y)))
-    keys = train.provider_keys(jax.random.fold_in(jax.random.key(args.seed),
-                                                  s), n)
-    pop, _ = trainer.sub_run(pop, x, y, schedule, keys, div, behaviour)
+  for s in range(config.num_subruns):
+    pop, _ = sim.train_providers(pop, sim.schedule(s), sim.keys(s),
+                                 sim.subrun_behaviour(s))
   jax.block_until_ready(pop)
   seconds = time.time() - t0
-  acc = train.evaluate(model, pop.params, pop.model_state, ds.x_test,
+  acc = train.evaluate(sim.model, pop.params, pop.model_state, ds.x_test,
                        ds.y_test)
-  asr = A.attack_success_rate(model, pop.params, pop.model_state, behaviour,
-                              ds.x_test, ds.y_test)
+  asr = population.IMAGE.attack_success_rate(
+      sim.model, pop.params, pop.model_state, behaviour, ds.x_test, ds.y_test)
   benign_acc = float(acc[:2].mean())
   rows = []
   for i, (name, spec) in enumerate(suite):
     row = dict(attack=name, clean_accuracy=float(acc[i]),
                attack_success_rate=float(asr[i]),
                clean_accuracy_drop=benign_acc - float(acc[i]))
-    if isinstance(spec, A.LabelFlip):
+    if isinstance(spec, population.LabelFlip):
       keep = ds.y_test != spec.source
-      sub = train.evaluate(model, pop.params, pop.model_state,
+      sub = train.evaluate(sim.model, pop.params, pop.model_state,
                            ds.x_test[keep], ds.y_test[keep])
       row["clean_accuracy_other_classes"] = float(sub[i])
       row["clean_accuracy_drop_other_classes"] = float(sub[:2].mean() - sub[i])
@@ -124,11 +115,11 @@ def main(argv=None):
     print(f"| {r['attack']} | {100 * r['clean_accuracy']:.1f} %{extra} | "
           f"{100 * r['attack_success_rate']:.1f} % | {works} |")
   if args.json:
-    write_json_atomic(args.json, dict(rows=rows, args=vars(args),
-                                      seconds=seconds, versions=versions(),
-                                      load_average=os.getloadavg(),
-                                      command=" ".join(sys.argv)))
+    report.write_json_atomic(args.json, dict(
+        rows=rows, args=vars(args), seconds=seconds,
+        versions=report.versions(), load_average=os.getloadavg(),
+        command=" ".join(sys.argv)))
 
 
 if __name__ == "__main__":
-  main()
+  _common.run(main)

@@ -2,7 +2,7 @@
 
 Run (default grid, about 5-10 minutes on a 2-core CPU):
 
-  PYTHONPATH=. python experiments/bench_distances.py --json out/bench_distances.json
+  python experiments/bench_distances.py --json out/bench_distances.json
 
 For every (n providers, P parameters) it measures, in the same process:
 
@@ -24,25 +24,25 @@ GFLOP/s by this formula counts the mirrored half as done.
 
 Any measurement (kernel or baseline) is skipped when its predicted time per
 run (from the rate measured on a smaller case in the same run) exceeds
---budget seconds, and inputs above --max-gb are skipped (n=1024, P=1e6 is
-3.8 GB of float32: pass --max-gb 5 to include it); skipped entries print as
+--budget seconds, and inputs above --max_gb are skipped (n=1024, P=1e6 is
+3.8 GB of float32: pass --max_gb 5 to include it); skipped entries print as
 "skip". The plain double loop runs for n <= 64 only.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from scipy.spatial import distance as sd
 
+import _common
 from jaxrep import distances
 
 SCIPY = {"l2": "euclidean", "cosine": "cosine", "l1": "cityblock",
@@ -50,36 +50,27 @@ SCIPY = {"l2": "euclidean", "cosine": "cosine", "l1": "cityblock",
 FLOPS_PER = {"l2": 2, "cosine": 2, "l1": 3, "linf": 3}
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--n", type=int, nargs="+", default=[64, 256, 1024])
-  p.add_argument("--p", type=float, nargs="+", default=[1e5, 1e6])
-  p.add_argument("--metrics", nargs="+", default=list(distances.PARAM_METRICS))
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--budget", type=float, default=20.0,
-                 help="skip a measurement predicted to take longer (s/run)")
-  p.add_argument("--max-gb", type=float, default=2.0,
-                 help="skip (n, P) whose float32 input exceeds this")
-  p.add_argument("--block-size", type=int, default=None)
-  p.add_argument("--chunk-size", type=int, default=None)
-  p.add_argument("--quick", action="store_true",
-                 help="n in {64, 256}, P = 1e5, 2 repeats")
-  p.add_argument("--json", type=str, default=None)
-  args = p.parse_args(argv)
+_common.define_list("n", "64,256,1024", "numbers of providers", kind=int)
+_common.define_list("p", "1e5,1e6", "numbers of parameters", kind=float)
+_common.define_list("metrics", ",".join(distances.PARAM_METRICS),
+                    "metrics benchmarked", choices=distances.PARAM_METRICS)
+flags.DEFINE_integer("repeats", 3, "timed runs per measurement")
+flags.DEFINE_float("budget", 20.0, "skip a measurement predicted to take "
+                   "longer (s/run)")
+flags.DEFINE_float("max_gb", 2.0, "skip (n, P) whose float32 input exceeds "
+                   "this")
+flags.DEFINE_integer("block_size", None, "block_size of the kernels")
+flags.DEFINE_integer("chunk_size", None, "chunk_size of the kernels")
+flags.DEFINE_bool("quick", False, "n in {64, 256}, P = 1e5, 2 repeats")
+flags.DEFINE_string("json", None, "write the rows to this JSON")
+
+
+def settings():
+  """The script's flags, with --quick applied."""
+  args = _common.script_args()
   if args.quick:
     args.n, args.p, args.repeats = [64, 256], [1e5], 2
   return args
-
-
-def timed(fn, repeats):
-  """Median wall time of fn() over `repeats` runs after one warm-up run."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def timed_pair(fn, ref, repeats):
@@ -160,7 +151,7 @@ def run_case(n, p, args, pred, rows):
 
   gemm = jax.jit(lambda a: jnp.dot(a, a.T,
                                    precision=jax.lax.Precision.HIGHEST))
-  t_gemm = timed(lambda: gemm(x), args.repeats)
+  t_gemm = _common.timed(lambda: gemm(x), args.repeats)
   gemm_gflops = 2 * work / t_gemm / 1e9
   print(f"\n== n={n} P={p:.0e}  float32 GEMM x@x.T: {t_gemm:.3f} s = "
         f"{gemm_gflops:.1f} GFLOP/s", flush=True)
@@ -228,8 +219,8 @@ def print_table(rows):
           f"| {fmt(r['speedup_loop'], '.0f')} |")
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def main():
+  args = settings()
   print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs; repeats={args.repeats} (median), "
         f"budget={args.budget}s; FLOPs: l2/cosine 2n^2P, l1/linf 3n^2P")
@@ -239,7 +230,7 @@ def main(argv=None):
     for n in sorted(args.n):
       gb = n * p * 4 / 2**30
       if gb > args.max_gb:
-        print(f"\n== n={n} P={p:.0e}: skip (input {gb:.1f} GB > --max-gb)")
+        print(f"\n== n={n} P={p:.0e}: skip (input {gb:.1f} GB > --max_gb)")
         continue
       run_case(n, p, args, pred, rows)
   print_table(rows)
@@ -252,8 +243,7 @@ def main(argv=None):
       json.dump(dict(args=vars(args), rows=rows, jax=jax.__version__,
                      device=jax.devices()[0].device_kind,
                      cpus=os.cpu_count()), f, indent=1)
-  return rows
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  _common.run(main)

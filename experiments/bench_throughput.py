@@ -3,16 +3,17 @@
 Run (default grid; ~25 min on the shared 2-core CPU with the current
 lax.conv-in-scan CNN path, dominated by the CNN N=256 call):
 
-  PYTHONPATH=. python experiments/bench_throughput.py --json out/bench_throughput.json
-  PYTHONPATH=. python experiments/bench_throughput.py --quick      # smoke run
+  python experiments/bench_throughput.py --json out/bench_throughput.json
+  python experiments/bench_throughput.py --quick      # smoke run
 
 For every model (digits-MLP, Fashion-MNIST-CNN) and every N it measures, in
 one process, provider-steps per second of:
 
 * `replicated`: jaxrep's jit-compiled, vmapped k-step `Trainer.sub_run` for N
-  providers (default divergence: per-provider batch permutation);
-* `jax_loop`: a Python loop over a jitted single-provider step
-  (`jax.jit(trainer.single_step)`), for each provider, for each step, as
+  providers: the protocol's first sub-run of an all-benign simulation
+  (`protocol.setup`; default divergence: per-provider batch permutation);
+* `jax_loop`: a Python loop over the same trainer's jitted single-provider
+  step (`jax.jit(trainer.single_step)`), for each provider, for each step, as
   FedJAX-style simulators run clients. Batches and step keys are prepared on
   the device before timing, so only the step calls are timed;
 * `torch_loop`: the same loop in PyTorch (fastest of 2 and 1 threads) over an `nn.Sequential`
@@ -21,7 +22,7 @@ one process, provider-steps per second of:
   Skipped, with a message, when torch is not installed.
 
 The two loops cost the same per provider-step whatever N is, so they are timed
-on a subset of `--loop-providers` providers and the per-provider-step rate is
+on a subset of `--loop_providers` providers and the per-provider-step rate is
 extrapolated to larger N (marked `extrapolated` in the table and JSON).
 
 The ceiling is this machine's float32 GEMM rate: jnp.matmul of 1024^2 and
@@ -40,42 +41,45 @@ average is recorded before every measurement.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
-import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from jax.extend import core as jax_core
 
-from jaxrep.data import datasets as data_lib
-from jaxrep.population import divergence as div_lib
-from jaxrep.models import zoo as models
-from jaxrep.train import trainer as train
+import _common
+from jaxrep import models, protocol
+from jaxrep.config import SimConfig
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-DATASET_OF = {"mlp": "digits", "cnn": "fashion-mnist"}
+DATASET_OF = {"mlp": "digits", "cnn": "fashion_mnist_idx"}
 METHODS = ("replicated", "jax_loop", "torch_loop")
+
+_common.define_list("n", "1,16,64,256", "population sizes N", kind=int)
+_common.define_list("models", "mlp,cnn", "mlp runs on digits, cnn on "
+                    "Fashion-MNIST", choices=sorted(DATASET_OF))
+flags.DEFINE_integer("steps", 10, "steps per sub-run k")
+flags.DEFINE_integer("batch", 32, "examples per step")
+flags.DEFINE_integer("repeats", 3, "timed calls per measurement")
+flags.DEFINE_integer("loop_providers", 16, "providers timed in the loop "
+                     "baselines (extrapolated per provider-step beyond that)")
+flags.DEFINE_float("budget", 90.0, "target seconds per replicated "
+                   "measurement; larger predicted runs get fewer "
+                   "steps/repeats (recorded)")
+_common.define_list("torch_threads", "2,1", "torch.set_num_threads values "
+                    "tried; the fastest is the torch baseline (all are in "
+                    "the JSON)", kind=int)
+flags.DEFINE_bool("quick", False, "smoke run: N in {1, 4}, k=3, 2 repeats")
+flags.DEFINE_string("json", None, "write the figures to this JSON file")
 
 
 def load_avg() -> list[float]:
   return [round(v, 2) for v in os.getloadavg()]
-
-
-def median_time(fn, repeats: int) -> tuple[float, list[float]]:
-  """Median wall time of `repeats` calls of fn() (fn blocks until done)."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), times
 
 
 # ----------------------------------------------------------------------------
@@ -91,17 +95,17 @@ def gemm_gflops(sizes=(1024, 2048), repeats: int = 5) -> dict:
     mm = jax.jit(lambda a, b: jnp.matmul(
         a, b, precision=jax.lax.Precision.HIGHEST))
     jax.block_until_ready(mm(a, b))
-    t, _ = median_time(lambda: jax.block_until_ready(mm(a, b)), repeats)
+    t, _ = _common.median_time(lambda: jax.block_until_ready(mm(a, b)), repeats)
     out[f"jax_{n}"] = 2 * n**3 / t / 1e9
     an, bn = np.asarray(a), np.asarray(b)
     np.matmul(an, bn)
-    t, _ = median_time(lambda: np.matmul(an, bn), repeats)
+    t, _ = _common.median_time(lambda: np.matmul(an, bn), repeats)
     out[f"numpy_{n}"] = 2 * n**3 / t / 1e9
     try:                          # reference only: oneDNN/MKL can beat XLA's
       import torch  # pylint: disable=g-import-not-at-top
       at, bt = torch.from_numpy(an), torch.from_numpy(bn)
       torch.mm(at, bt)
-      t, _ = median_time(lambda: torch.mm(at, bt), repeats)
+      t, _ = _common.median_time(lambda: torch.mm(at, bt), repeats)
       out[f"torch_{n}"] = 2 * n**3 / t / 1e9
     except ImportError:
       pass
@@ -160,33 +164,29 @@ def xla_flops(compiled) -> float | None:
 
 
 class Case:
-  """One model on its dataset: data, trainer, initial checkpoint, schedule."""
+  """One model on its dataset: an all-benign simulation of the largest N
+  (its first n providers are a simulation of n), its initial checkpoint and
+  FLOP count."""
 
-  def __init__(self, name: str, steps: int, batch: int, seed: int = 0):
+  def __init__(self, name: str, providers: int, steps: int, batch: int):
     self.name = name
-    if DATASET_OF[name] == "digits":
-      ds = data_lib.load_dataset("digits")
-    else:
-      ds = data_lib.load_dataset("idx", FASHION_DIR)
     self.dataset = DATASET_OF[name]
-    self.ds = ds
-    self.steps, self.batch = steps, batch
-    self.model = models.get_model(name, ds.num_classes, ds.input_shape)
-    self.config = train.TrainConfig(learning_rate=0.05, momentum=0.9,
-                                    batch_size=batch)
-    self.div_config = div_lib.DivergenceConfig()
-    self.trainer = train.make_trainer(self.model, self.config, self.div_config)
-    self.params, self.model_state = self.model.init(jax.random.key(seed))
-    self.x_dev = jnp.asarray(ds.x_train)
-    self.y_dev = jnp.asarray(ds.y_train)
-    self.seed = seed
+    self.sim = protocol.setup(SimConfig.from_flat(
+        dataset=self.dataset, model=name, providers=max(providers, 2),
+        malicious=0, steps=steps, subrun_steps=steps, replicated=1,
+        batch_size=batch, learning_rate=0.05, momentum=0.9,
+        schedule="constant", attack_check=False))
+    self.ds, self.model = self.sim.dataset, self.sim.model
+    self.batch = batch
+    client = protocol.initial_state(self.sim).client
+    self.params, self.model_state = client.params, client.model_state
     self.flops = analytic_step_flops(self.model, self.params,
                                      self.model_state, batch)
     self.num_params = models.num_params(self.params)
 
-  def schedule(self, k: int) -> np.ndarray:
-    return data_lib.batch_schedule(self.seed, 0, k, self.batch,
-                                   self.ds.x_train.shape[0])
+  def inputs(self, n: int, k: int) -> tuple:
+    """`trainer.sub_run` arguments of the first n providers, k steps."""
+    return _common.subrun_inputs(self.sim, n, k)
 
 
 # ----------------------------------------------------------------------------
@@ -194,21 +194,16 @@ class Case:
 
 
 def bench_replicated(case: Case, n: int, k: int, repeats: int) -> dict:
-  trainer = case.trainer
-  pop = trainer.replicate(case.params, case.model_state, n)
-  schedule = jnp.asarray(case.schedule(k))
-  keys = train.provider_keys(jax.random.key(1), n)
-  div = div_lib.make_divergence(case.div_config, n)
-  args = (pop, case.x_dev, case.y_dev, schedule, keys, div, jnp.zeros(n))
+  args = case.inputs(n, k)
   start = time.perf_counter()
-  compiled = trainer.sub_run.lower(*args).compile()
+  compiled = case.sim.trainer.sub_run.lower(*args).compile()
   compile_s = time.perf_counter() - start
   run = lambda: jax.block_until_ready(compiled(*args))
   start = time.perf_counter()
   run()                                               # warm-up
   warmup_s = time.perf_counter() - start
   if repeats > 0:
-    t, times = median_time(run, repeats)
+    t, times = _common.median_time(run, repeats)
   else:                      # budget exhausted: the warm-up call is the datum
     t, times = warmup_s, [warmup_s]
   return {"seconds": t, "times": times, "warmup_s": warmup_s,
@@ -223,31 +218,30 @@ def bench_replicated(case: Case, n: int, k: int, repeats: int) -> dict:
 
 
 def bench_jax_loop(case: Case, providers: int, k: int, repeats: int) -> dict:
-  step = jax.jit(case.trainer.single_step)
-  opt_state = case.trainer.optimizer.init(case.params)
-  schedule = case.schedule(k)
-  xs = [jnp.asarray(case.ds.x_train[schedule[t]]) for t in range(k)]
-  ys = [jnp.asarray(case.ds.y_train[schedule[t]]) for t in range(k)]
-  keys = train.provider_keys(jax.random.key(1), providers)
+  step = jax.jit(case.sim.trainer.single_step)
+  pop, x_train, y_train, schedule, keys, div, behaviour = case.inputs(
+      providers, k)
+  xs = [x_train[schedule[t]] for t in range(k)]
+  ys = [y_train[schedule[t]] for t in range(k)]
   step_keys = [[jax.random.fold_in(keys[p], t) for t in range(k)]
                for p in range(providers)]
-  div = div_lib.make_divergence(case.div_config, providers)
-  divs = [jax.tree_util.tree_map(lambda a, p=p: a[p], div)
-          for p in range(providers)]
-  behaviour = jnp.zeros(())
+  take = lambda tree, p: jax.tree_util.tree_map(lambda a: a[p], tree)
+  starts = [take(pop, p) for p in range(providers)]
+  divs = [take(div, p) for p in range(providers)]
+  behaviours = [take(behaviour, p) for p in range(providers)]
 
   def run():
     out = []
     for p in range(providers):
-      params, opt, state = case.params, opt_state, case.model_state
+      params, opt, state = starts[p]
       for t in range(k):
         params, opt, state, _ = step(params, opt, state, xs[t], ys[t],
-                                     step_keys[p][t], divs[p], behaviour)
+                                     step_keys[p][t], divs[p], behaviours[p])
       out.append(params)
     jax.block_until_ready(out)
 
   run()                                               # warm-up / compile
-  t, times = median_time(run, repeats)
+  t, times = _common.median_time(run, repeats)
   return {"seconds": t, "times": times, "providers_timed": providers, "k": k,
           "repeats": repeats, "provider_steps_per_s": providers * k / t}
 
@@ -296,7 +290,7 @@ def bench_torch_loop(case: Case, setup: dict, providers: int, k: int,
 def _torch_loop(case: Case, setup: dict, providers: int, k: int,
                 repeats: int) -> dict:
   torch, lib = setup["torch"], setup["lib"]
-  schedule = case.schedule(k)
+  schedule = np.asarray(case.sim.schedule(0))[:k]
   xs = [lib.to_input(case.name, case.ds.x_train[schedule[t]])
         for t in range(k)]
   ys = [torch.from_numpy(case.ds.y_train[schedule[t]].astype(np.int64))
@@ -309,12 +303,13 @@ def _torch_loop(case: Case, setup: dict, providers: int, k: int,
     replicas.append(module)
   gen = torch.Generator().manual_seed(0)
   loss_fn = torch.nn.CrossEntropyLoss()
+  training = case.sim.config.training
 
   def run():
     for module in replicas:          # each provider starts at the checkpoint
       module.load_state_dict(state)
-      opt = torch.optim.SGD(module.parameters(), lr=case.config.learning_rate,
-                            momentum=case.config.momentum)
+      opt = torch.optim.SGD(module.parameters(), lr=training.learning_rate,
+                            momentum=training.momentum)
       for t in range(k):
         perm = torch.randperm(case.batch, generator=gen)  # as jaxrep permutes
         opt.zero_grad(set_to_none=True)
@@ -323,7 +318,7 @@ def _torch_loop(case: Case, setup: dict, providers: int, k: int,
         opt.step()
 
   run()                                               # warm-up
-  t, times = median_time(run, repeats)
+  t, times = _common.median_time(run, repeats)
   return {"seconds": t, "times": times, "providers_timed": providers, "k": k,
           "repeats": repeats, "provider_steps_per_s": providers * k / t,
           "note": "timed loop includes load_state_dict + optimizer creation "
@@ -334,29 +329,9 @@ def _torch_loop(case: Case, setup: dict, providers: int, k: int,
 # Driver.
 
 
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--n", type=int, nargs="+", default=[1, 16, 64, 256],
-                 help="population sizes N")
-  p.add_argument("--models", nargs="+", default=["mlp", "cnn"],
-                 choices=sorted(DATASET_OF),
-                 help="mlp runs on digits, cnn on Fashion-MNIST")
-  p.add_argument("--steps", type=int, default=10, help="steps per sub-run k")
-  p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--loop-providers", type=int, default=16,
-                 help="providers timed in the loop baselines (extrapolated "
-                      "per provider-step beyond that)")
-  p.add_argument("--budget", type=float, default=90.0,
-                 help="target seconds per replicated measurement; larger "
-                      "predicted runs get fewer steps/repeats (recorded)")
-  p.add_argument("--torch-threads", type=int, nargs="+", default=[2, 1],
-                 help="torch.set_num_threads values tried; the fastest is "
-                      "the torch baseline (all are in the JSON)")
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: N in {1, 4}, k=3, 2 repeats")
-  p.add_argument("--json", help="write the figures to this JSON file")
-  args = p.parse_args(argv)
+def settings():
+  """The script's flags, with --quick applied."""
+  args = _common.script_args()
   if args.quick:
     args.n, args.steps, args.repeats, args.loop_providers = [1, 4], 3, 2, 2
   args.n = sorted(set(args.n))
@@ -388,8 +363,8 @@ def fmt(v, spec):
   return "-" if v is None else format(v, spec)
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def main():
+  args = settings()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs, python {platform.python_version()}")
   print(f"load average at start: {load_avg()}")
@@ -419,7 +394,7 @@ def main(argv=None):
   }
   rows = []
   for name in args.models:
-    case = Case(name, args.steps, args.batch)
+    case = Case(name, args.n[-1], args.steps, args.batch)
     fl = case.flops["train"]
     print(f"\n== {name} on {case.dataset} {case.model.input_shape}, "
           f"{case.num_params} params, analytic {fl / 1e6:.2f} MFLOP per "
@@ -592,8 +567,7 @@ def main(argv=None):
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1, default=float)
     print(f"wrote {args.json}")
-  return result
 
 
 if __name__ == "__main__":
-  sys.exit(main() and 0)
+  _common.run(main)

@@ -20,21 +20,16 @@ Paper (Jia et al., SaTML 2025): 99.6 % of the malicious providers identified.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
 import sys
 import time
 
 import numpy as np
+from absl import flags
 
-from jaxrep.data import datasets as data_lib
-from jaxrep.detect import detectors as detect
-from jaxrep.detect import metrics
-from jaxrep import protocol
+import _common
+from jaxrep import data, detect, protocol, report
 from jaxrep.config import SimConfig
-from jaxrep.report.outputs import versions, write_json_atomic
 
 SETTINGS = {
     "digits": dict(dataset="digits", model="mlp", attack="badnets", steps=400,
@@ -52,48 +47,46 @@ SETTINGS = {
 }
 
 
+FLAGS = flags.FLAGS
+_common.define_list("datasets", "digits,fashion_mnist_idx", "settings to run",
+                    choices=SETTINGS)
+_common.define_list("seeds", "0,1,2", "seeds of the runs", kind=int)
+flags.DEFINE_integer("providers", 16, "providers n; half of them malicious")
+flags.DEFINE_string("attack", None, "override every setting's attack")
+flags.DEFINE_float("alpha", 0.01, "significance level of the detectors")
+flags.DEFINE_float("ks_margin", 10.0, "KS margin of the detectors")
+_common.define_list("metrics", ",".join(protocol.METRICS),
+                    "metrics recorded and replayed", choices=protocol.METRICS)
+flags.DEFINE_bool("quick", False, "fewer steps, for a smoke run")
+flags.DEFINE_string("json", None, "write runs, pairs and table to this JSON")
+flags.DEFINE_string("md", None, "write the markdown tables to this file")
+
+
 def evaluate_pairs(result, n: int, alpha: float, ks_margin: float):
   """TPR / FPR / AUROC of every metric x detector pair on one run."""
   rows = []
   mal = result.malicious
   for metric, mats in result.recorded.items():
     for det in detect.DETECTORS:
-      flags, _, scores = protocol.replay(
+      flagged, _, scores = protocol.replay(
           mats, n, det, alpha=alpha, ks_margin=ks_margin,
           median_distances=result.recorded_median)
       rows.append(dict(metric=metric, detector=det,
-                       identified=int(flags[mal].sum()),
+                       identified=int(flagged[mal].sum()),
                        malicious=int(mal.sum()),
-                       false_flags=int(flags[~mal].sum()),
+                       false_flags=int(flagged[~mal].sum()),
                        benign=int((~mal).sum()),
-                       auroc=metrics.auroc(scores, mal)))
+                       auroc=detect.auroc(scores, mal)))
   return rows
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--datasets", default="digits,fashion_mnist_idx")
-  ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--providers", type=int, default=16)
-  ap.add_argument("--attack", default=None,
-                  help="override every setting's attack")
-  ap.add_argument("--alpha", type=float, default=0.01)
-  ap.add_argument("--ks_margin", type=float, default=10.0)
-  ap.add_argument("--metrics", default=",".join(protocol.METRICS))
-  ap.add_argument("--quick", action="store_true",
-                  help="fewer steps, for a smoke run")
-  ap.add_argument("--json", default=None)
-  ap.add_argument("--md", default=None)
-  args = ap.parse_args(argv)
-
-  record = tuple(args.metrics.split(","))
+def main():
+  args = _common.script_args()
   runs, pair_rows = [], []
   t_start = time.time()
-  for name in args.datasets.split(","):
-    if name not in SETTINGS:
-      ap.error(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
-    ds = data_lib.load_dataset(SETTINGS[name]["dataset"])
-    for seed in [int(s) for s in args.seeds.split(",")]:
+  for name in args.datasets:
+    ds = data.load_dataset(SETTINGS[name]["dataset"])
+    for seed in args.seeds:
       setting = dict(SETTINGS[name])
       if args.attack:
         setting["attack"] = args.attack
@@ -105,11 +98,11 @@ def main(argv=None):
           ks_margin=args.ks_margin, probe_size=128, **setting)
       t0 = time.time()
       res = protocol.run(cfg, progress=False, dataset=ds,
-                         record_metrics=record)
+                         record_metrics=tuple(args.metrics))
       s = res.summary()
       mal = res.malicious
       runs.append(dict(
-          dataset=name, seed=seed, config=dataclasses.asdict(res.config),
+          dataset=name, seed=seed, config=res.config.flat(),
           malicious_asr=[float(a) for a in res.attack_success_rate[mal]],
           benign_asr=[float(a) for a in res.attack_success_rate[~mal]],
           benign_clean_accuracy=s["benign_mean_clean_accuracy"],
@@ -129,11 +122,11 @@ def main(argv=None):
   table = aggregate(pair_rows)
   md = markdown(table, runs, args)
   print(md)
-  out = dict(runs=runs, pairs=pair_rows, table=table, versions=versions(),
-             load_average=os.getloadavg(), wall_seconds=time.time() - t_start,
-             command=" ".join(sys.argv))
+  out = dict(runs=runs, pairs=pair_rows, table=table,
+             versions=report.versions(), load_average=os.getloadavg(),
+             wall_seconds=time.time() - t_start, command=" ".join(sys.argv))
   if args.json:
-    write_json_atomic(args.json, out)
+    report.write_json_atomic(args.json, out)
   if args.md:
     os.makedirs(os.path.dirname(os.path.abspath(args.md)), exist_ok=True)
     with open(args.md, "w") as f:
@@ -195,4 +188,4 @@ def markdown(table, runs, args) -> str:
 
 
 if __name__ == "__main__":
-  main()
+  _common.run(main)

@@ -2,23 +2,25 @@
 
 Run (default sweep; a few minutes on the shared 2-core CPU):
 
-  PYTHONPATH=. python experiments/scaling.py --json runs/scaling.json --plots runs/scaling
-  PYTHONPATH=. python experiments/scaling.py --quick          # smoke run
-  PYTHONPATH=. python experiments/scaling.py --max_n 1024     # as far as time allows
+  python experiments/scaling.py --json runs/scaling.json --plots runs/scaling
+  python experiments/scaling.py --quick          # smoke run
+  python experiments/scaling.py --max_n 1024     # as far as time allows
 
 For every device count d (CPU: 1, 2, 4, 8 forced host devices; GPU / TPU:
 1, 2, 4, ... up to the real device count) a subprocess is started (on CPU
 with XLA_FLAGS=--xla_force_host_platform_device_count=d, which must be set
 before JAX initialises), and for every n in 2, 4, ..., --max_n that d divides
 it measures, on the digits MLP (batch 32, k steps, half the providers
-planting BadNets backdoors):
+planting BadNets backdoors; the protocol's first sub-run, `protocol.setup`
+with the providers over the process's d devices):
 
 * provider-steps per second of the sharded sub-run (n * k / time);
 * the ring distance kernel's time (L2, `jaxrep.distances.pairwise_distances`
   with a mesh);
 * replicated sub-runs verified per second, end to end: sub-run + L2
   distances + KS detector on the host, one after the other;
-* peak memory: the estimate of `jaxrep.runtime.memory` (per device, all of it) and the
+* peak memory: the estimate of `jaxrep.runtime.memory` (the simulation's
+  plan without the client's resident models; per device, all of it) and the
   measurement: the device's peak_bytes_in_use where the backend exposes it
   (GPU / TPU), else the process's max RSS (`resource.getrusage`, which on
   CPU includes the Python process and every compiled program).
@@ -32,16 +34,38 @@ command uses real devices.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import _common
+from jaxrep import data, detect, distances, protocol
+from jaxrep.config import SimConfig
+from jaxrep.runtime import mesh as mesh_lib
+
+flags.DEFINE_integer("max_n", 256, "largest number of providers")
+_common.define_list("devices", "", "device counts (default: 1, 2, 4, 8 on "
+                    "CPU; powers of 2 up to the device count elsewhere)",
+                    kind=int)
+flags.DEFINE_integer("steps", 10, "k")
+flags.DEFINE_integer("repeats", 3, "timed calls per measurement")
+flags.DEFINE_float("budget", 40.0, "seconds per measurement before a device "
+                   "count stops growing n")
+flags.DEFINE_bool("quick", False, "smoke run: n <= 16, devices 1 and 2, k 3, "
+                  "1 rep")
+flags.DEFINE_string("json", "", "write the rows to this JSON")
+flags.DEFINE_string("plots", "", "directory for the PNG plots")
+flags.DEFINE_bool("worker", False, "internal: measure in this process")
+flags.DEFINE_string("out", "", "internal: the worker's JSON output")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -61,26 +85,14 @@ def _env(devices) -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
   if devices is not None:
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if "force_host_platform_device_count" not in f]
-    flags.append(f"--xla_force_host_platform_device_count={devices}")
-    env["XLA_FLAGS"] = " ".join(flags)
+    xla = [f for f in env.get("XLA_FLAGS", "").split()
+           if "force_host_platform_device_count" not in f]
+    xla.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(xla)
   return env
 
 
-def _median_time(fn, repeats: int) -> float:
-  import jax
-  jax.block_until_ready(fn())           # warm-up: compiles
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def _peak_measured() -> tuple[int, str]:
-  import jax
   stats = None
   try:
     stats = jax.local_devices()[0].memory_stats()
@@ -94,78 +106,60 @@ def _peak_measured() -> tuple[int, str]:
 
 def worker(args) -> list[dict]:
   """Measures every n for this process's device count."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from jaxrep.population import image_attacks as A
-  from jaxrep.data import datasets as data_lib
-  from jaxrep.detect import detectors as detect_lib
-  from jaxrep.population import divergence as div_lib
-  from jaxrep import distances
-  from jaxrep.runtime import memory
-  from jaxrep.models import zoo as models
-  from jaxrep.runtime import mesh as mesh_lib
-  from jaxrep.train import trainer as train
-
-  d = args.devices
-  mesh = mesh_lib.make_mesh(d)
-  ds = data_lib.load_dataset("digits")
-  x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-  model = models.get_model("mlp", ds.num_classes, ds.input_shape)
-  schedule = jnp.asarray(data_lib.batch_schedule(0, 0, args.steps, 32,
-                                                 len(ds.y_train)))
+  (d,) = args.devices
+  ds = data.load_dataset("digits")
+  # devices=0 (all of them, also when that is one) keeps every row on a mesh.
+  base = SimConfig.from_flat(
+      dataset="digits", model="mlp", steps=args.steps,
+      subrun_steps=args.steps, replicated=1, schedule="constant",
+      attack_check=False, devices=0 if jax.device_count() == d else d)
   rows = []
   n = 2
   while n <= args.max_n:
     if n % d:
       n *= 2
       continue
-    specs = A.population_specs(n, n // 2, "badnets", num_classes=10)
-    behaviour = A.make_behaviour(specs, ds.input_shape, ds.num_classes)
-    trainer = train.make_trainer(model, train.TrainConfig(),
-                                 div_lib.DivergenceConfig(),
-                                 A.make_hooks(behaviour))
-    pop = trainer.init(jax.random.key(0), n)
-    keys = train.provider_keys(jax.random.key(1), n)
-    div = div_lib.make_divergence(div_lib.DivergenceConfig(), n)
-    sizes = memory.sizes_for(trainer, behaviour, div, x_train, y_train,
-                             providers=n, batch_size=32,
-                             subrun_steps=args.steps, devices=d)
-    sizes = dataclasses.replace(sizes, distance_bytes=(
-        distances.working_set_bytes(n, d, sizes.params)))
-    est = memory.estimate(sizes)
-    placed = mesh_lib.sub_run_inputs(mesh, pop, x_train, y_train, schedule,
-                                     keys, div, behaviour)
+    sim = protocol.setup(base.replace(providers=n, malicious=n // 2),
+                         dataset=ds)
+    mesh = sim.mesh
+    if sim.memory.num_chunks > 1:
+      print(f"# devices={d}: stopping at n={n}: the population no longer "
+            "fits in one sub-run", flush=True)
+      break
+    est = sim.memory.estimate
+    pop, *rest = _common.subrun_inputs(sim)
+    placed = mesh_lib.sub_run_inputs(mesh, pop, *rest)
     start = mesh_lib.replicate_tree(pop.params, mesh)
-    sub_run = lambda: trainer.sub_run(*placed)
-    t_sub = _median_time(sub_run, args.repeats)
+    sub_run = lambda: sim.trainer.sub_run(*placed)
+    t_sub = _common.timed(sub_run, args.repeats)
     out, _ = sub_run()
     upd = mesh_lib.shard_provider_tree(distances.updates(start, out.params),
                                        mesh)
-    t_dist = _median_time(lambda: distances.pairwise_distances(upd, "l2",
-                                                               mesh=mesh),
-                          args.repeats)
+    t_dist = _common.timed(
+        lambda: distances.pairwise_distances(upd, "l2", mesh=mesh),
+        args.repeats)
     members = np.ones(n, bool)
 
     def verify():
-      out, _ = trainer.sub_run(*placed)
+      out, _ = sim.trainer.sub_run(*placed)
       dm = distances.pairwise_distances(
           distances.updates(start, out.params), "l2", mesh=mesh)
-      ev = detect_lib.Evidence([np.asarray(mesh_lib.to_host(dm),
-                                           np.float64)], [members])
-      verdict = detect_lib.detect("ks", ev, n, ks_margin=10.0)
+      ev = detect.Evidence([np.asarray(mesh_lib.to_host(dm), np.float64)],
+                           [members])
+      verdict = detect.detect("ks", ev, n, ks_margin=10.0)
       return jnp.asarray(np.asarray(verdict.flags))
 
-    t_e2e = _median_time(verify, args.repeats)
+    t_e2e = _common.timed(verify, args.repeats)
     peak, how = _peak_measured()
+    # This process holds no client models: the estimate without them.
+    per_device = est["peak"] - est["resident"]
     row = {"devices": d, "providers": n, "steps": args.steps,
            "platform": jax.default_backend(),
            "provider_steps_per_s": n * args.steps / t_sub,
            "subrun_s": t_sub, "distance_s": t_dist,
            "verified_subruns_per_s": 1.0 / t_e2e, "end_to_end_s": t_e2e,
-           "memory_estimate_bytes": est["peak"] * d,
-           "memory_estimate_per_device_bytes": est["peak"],
+           "memory_estimate_bytes": per_device * d,
+           "memory_estimate_per_device_bytes": per_device,
            "memory_measured_bytes": peak, "memory_measured_kind": how,
            "load_average": os.getloadavg()[0]}
     print(json.dumps(row), flush=True)
@@ -224,29 +218,11 @@ def _plots(rows, directory: str) -> list[str]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--max_n", type=int, default=256)
-  parser.add_argument("--devices", default="",
-                      help="comma-separated device counts (default: 1, 2, 4, "
-                           "8 on CPU; powers of 2 up to the device count "
-                           "elsewhere)")
-  parser.add_argument("--steps", type=int, default=10, help="k")
-  parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--budget", type=float, default=40.0,
-                      help="seconds per measurement before a device count "
-                           "stops growing n")
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke run: n <= 16, devices 1 and 2, k 3, 1 rep")
-  parser.add_argument("--json", default="")
-  parser.add_argument("--plots", default="")
-  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-  parser.add_argument("--out", default="", help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  args = _common.script_args()
   if args.quick:
     args.max_n, args.steps, args.repeats = min(args.max_n, 16), 3, 1
-    args.devices = args.devices or "1,2"
+    args.devices = args.devices or [1, 2]
   if args.worker:
-    args.devices = int(args.devices)
     rows = worker(args)
     with open(args.out, "w") as f:
       json.dump(rows, f)
@@ -254,7 +230,7 @@ def main() -> None:
 
   platform, count = _probe_platform()
   if args.devices:
-    counts = [int(v) for v in args.devices.split(",")]
+    counts = args.devices
   elif platform == "cpu":
     counts = [1, 2, 4, 8]
   else:
@@ -295,4 +271,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  _common.run(main)

@@ -1,94 +1,80 @@
-"""Times the replicated sub-run of one model: n providers, k=10, batch 32.
+r"""Times the replicated sub-run of one model: n providers, k=10, batch 32.
 
-    python experiments/time_subrun.py cnn 16            # Fashion-MNIST (IDX)
-    python experiments/time_subrun.py text_cnn 16       # fortunes, L=64
-    python experiments/time_subrun.py text_transformer 16 --attackers
+    python experiments/time_subrun.py --model=cnn --providers=16
+    python experiments/time_subrun.py --model=text_cnn --providers=16
+    python experiments/time_subrun.py --model=text_transformer --providers=16 \
+        --attackers
 
 Image models train on Fashion-MNIST (Debian's IDX files, 10000 examples),
 text models on the fortunes corpus (max_len 64, vocabulary 10000). With
 --attackers, half of the providers poison (image: BadNets; text: a quarter
 rare-token and a quarter phrase triggers), so the cost of the poisoning
-branch is included. Prints compile time and provider-steps/s (median of
+branch is included. The sub-run is the protocol's first one
+(`protocol.setup`). Prints compile time and provider-steps/s (median of
 --repeats sub-runs after the compiling one).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+from absl import flags
 
-from jaxrep.population import image_attacks as attacks
-from jaxrep.models import zoo as models
-from jaxrep.train import trainer as train
-from jaxrep.population import text_attacks
-from jaxrep.data import datasets as data_lib
-from jaxrep.population import divergence as div_lib
+import _common
+from jaxrep import data, models, population, protocol
+from jaxrep.config import SimConfig
+
+flags.DEFINE_enum("model", None, models.MODELS, "the model to time")
+flags.DEFINE_integer("providers", None, "providers n", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "k")
+flags.DEFINE_integer("repeats", 3, "timed sub-runs")
+flags.DEFINE_bool("attackers", False, "half of the providers poison")
+flags.mark_flags_as_required(["model", "providers"])
 
 
-def setup(name: str, n: int, attackers: bool):
-  """(trainer, population, data, behaviour) for model `name`."""
+def simulation(name: str, n: int, k: int, attackers: bool):
+  """The Simulation whose first sub-run is timed: at least 2 providers (the
+  protocol's minimum), of which the first n are timed."""
   text = name in models.TEXT_MODELS
   if text:
-    ds = data_lib.load_dataset("fortunes", max_len=64, vocab_size=10000)
+    ds = data.load_dataset("fortunes", max_len=64, vocab_size=10000)
   else:
-    ds = data_lib.load_dataset("fashion_mnist_idx", max_train=10000,
-                               max_test=10)
-  vocab = len(ds.vocab) if text else None
-  model = models.get_model(name, ds.num_classes, ds.input_shape,
-                           vocab_size=vocab)
-  if text:
-    specs = ([text_attacks.TokenTrigger(target=1),
-              text_attacks.PhraseTrigger(target=2)] * (n // 4)
-             if attackers else [])
-    specs += [None] * (n - len(specs))
-    behaviour = text_attacks.make_behaviour(specs, ds.input_shape,
-                                            ds.num_classes, vocab)
-    hooks = text_attacks.make_hooks(behaviour)
-  else:
-    specs = attacks.population_specs(n, n // 2 if attackers else 0, "badnets",
-                                     num_classes=ds.num_classes)
-    behaviour = attacks.make_behaviour(specs, ds.input_shape, ds.num_classes)
-    hooks = attacks.make_hooks(behaviour)
-  trainer = train.make_trainer(model, train.TrainConfig(), hooks=hooks)
-  pop = trainer.init(jax.random.key(0), n)
-  return trainer, pop, ds, behaviour
+    ds = data.load_dataset("fashion_mnist_idx", max_train=10000, max_test=10)
+  providers, behaviour, malicious = max(n, 2), None, 0
+  if attackers and text:
+    specs = [population.TokenTrigger(target=1),
+             population.PhraseTrigger(target=2)] * (n // 4)
+    malicious = len(specs)
+    behaviour = population.TEXT.make_behaviour(
+        specs + [None] * (providers - malicious), ds.input_shape,
+        ds.num_classes, len(ds.vocab))
+  elif attackers:
+    malicious = n // 2
+  config = SimConfig.from_flat(
+      model=name, providers=providers, malicious=malicious, steps=k,
+      subrun_steps=k, replicated=1, schedule="constant", attack_check=False)
+  return protocol.setup(config, dataset=ds, behaviour=behaviour)
 
 
 def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("model", choices=models.MODELS)
-  ap.add_argument("providers", type=int)
-  ap.add_argument("--steps", type=int, default=10, help="k")
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--attackers", action="store_true")
-  args = ap.parse_args()
+  args = _common.script_args()
   n, k = args.providers, args.steps
-  trainer, pop, ds, behaviour = setup(args.model, n, args.attackers)
-  x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-  div = div_lib.make_divergence(div_lib.DivergenceConfig(), n)
-  keys = train.provider_keys(jax.random.key(1), n)
-  schedule = jnp.asarray(data_lib.batch_schedule(0, 0, k, 32, len(ds.y_train)))
+  sim = simulation(args.model, n, k, args.attackers)
+  inputs = _common.subrun_inputs(sim, n)
   t = time.perf_counter()
-  out, _ = trainer.sub_run(pop, x, y, schedule, keys, div, behaviour)
-  jax.block_until_ready(out)
+  jax.block_until_ready(sim.trainer.sub_run(*inputs))
   compile_s = time.perf_counter() - t
-  times = []
-  for _ in range(args.repeats):
-    t = time.perf_counter()
-    out, _ = trainer.sub_run(out, x, y, schedule, keys, div, behaviour)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t)
+  median, _ = _common.median_time(
+      lambda: jax.block_until_ready(sim.trainer.sub_run(*inputs)),
+      args.repeats)
   print(f"{args.model} n={n} k={k} batch 32 "
         f"{'with' if args.attackers else 'no'} attackers: compile+run "
-        f"{compile_s:.1f} s, {n * k / np.median(times):.0f} provider-steps/s "
+        f"{compile_s:.1f} s, {n * k / median:.0f} provider-steps/s "
         f"(median of {args.repeats}; load "
         f"{', '.join(f'{v:.1f}' for v in os.getloadavg())})")
 
 
 if __name__ == "__main__":
-  main()
+  _common.run(main)
