@@ -93,7 +93,7 @@ def test_main_job_on_text_writes_the_same_results_json(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   res = json.loads((out / "results.json").read_text())
   image_keys = {"config", "providers", "summary", "client", "notes", "memory",
-                "versions"}
+                "versions", "ledger", "trajectory"}
   assert set(res) == image_keys
   assert res["config"]["model"] == "text_cnn"     # auto on text
   assert res["config"]["attack"] == "token"
