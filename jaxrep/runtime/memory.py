@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrep.core import trees
 from jaxrep.core.errors import require
 from jaxrep.runtime import mesh as mesh_lib
 
@@ -279,10 +280,6 @@ def plan(sizes: Sizes, available: Optional[int] = None,
               budget)
 
 
-def _slice(tree, start: int, stop: int):
-  return jax.tree_util.tree_map(lambda a: a[start:stop], tree)
-
-
 def chunked_sub_run(trainer, pop, x_train, y_train, schedule, keys, div,
                     behaviour, *, chunk_size: int, mesh=None,
                     to_host: bool = False):
@@ -317,9 +314,9 @@ def chunked_sub_run(trainer, pop, x_train, y_train, schedule, keys, div,
   outs, losses = [], []
   for start in range(0, n, chunk_size):
     stop = min(n, start + chunk_size)
-    args = (_slice(pop, start, stop), x_train, y_train, schedule,
-            _slice(keys, start, stop), _slice(div, start, stop),
-            _slice(behaviour, start, stop))
+    part = lambda tree: trees.take_slice(tree, start, stop)
+    args = (part(pop), x_train, y_train, schedule, part(keys), part(div),
+            part(behaviour))
     if mesh is None:
       out, loss = trainer.sub_run(*args)
     else:

@@ -32,6 +32,7 @@ import optax
 from jaxrep.population import divergence as div_lib
 from jaxrep.population.behaviour import Hooks
 from jaxrep.core import rng as rng_lib
+from jaxrep.core import trees
 from jaxrep.core.errors import ConfigError, require
 from jaxrep.models import Model
 
@@ -129,11 +130,6 @@ class Trainer(NamedTuple):
   single_step: Callable
 
 
-def _stack(tree, n):
-  return jax.tree_util.tree_map(
-      lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), tree)
-
-
 provider_keys = rng_lib.provider_keys
 
 
@@ -159,8 +155,8 @@ def make_trainer(model: Model, config: TrainConfig,
       raise ConfigError(f"providers: must be >= 1, got {n}")
     if opt_state is None:
       opt_state = tx.init(params)
-    return Population(_stack(params, n), _stack(opt_state, n),
-                      _stack(model_state, n))
+    return Population(trees.stack(params, n), trees.stack(opt_state, n),
+                      trees.stack(model_state, n))
 
   def init(key, n: int) -> Population:
     params, model_state = model.init(key)

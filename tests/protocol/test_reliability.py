@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from absl import flags as absl_flags
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from jaxrep import data as data_lib
@@ -133,7 +132,6 @@ def test_hostile_providers_are_flagged_with_reasons_and_harm_no_one():
 
 
 def test_neutralized_rows_do_not_change_other_distances():
-  import jax
   import jax.numpy as jnp
   from jaxrep import distances
   rng = np.random.default_rng(0)
