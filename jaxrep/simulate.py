@@ -19,13 +19,11 @@ naming the flag, before any training starts.
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 
-from jaxrep import config as config_lib
+from jaxrep import cli
 from jaxrep import report
-from jaxrep.population import build as population_lib
 from jaxrep import protocol
 from jaxrep.core.errors import ConfigError
 from jaxrep.runtime import distributed
@@ -34,28 +32,8 @@ from jaxrep.runtime import workdir
 FLAGS = flags.FLAGS
 
 
-def _define(name: str, default, help_: str, kind: type | None = None) -> None:
-  kind = kind or type(default)
-  if kind is bool:
-    flags.DEFINE_bool(name, default, help_)
-  elif kind is int:
-    flags.DEFINE_integer(name, default, help_)
-  elif kind is float:
-    flags.DEFINE_float(name, default, help_)
-  else:
-    flags.DEFINE_string(name, default, help_)
-
-
 def _define_flags() -> None:
-  """One flag per config field (help from its metadata) and per attack
-  option (declared by the attack families)."""
-  default = config_lib.SimConfig()
-  for section, field, flag in config_lib.flag_fields():
-    holder = default if section is None else getattr(default, section)
-    _define(flag, getattr(holder, field.name), field.metadata["help"],
-            field.metadata.get("kind"))
-  for name, opt in population_lib.OPTIONS.items():
-    _define(name, opt.default, f"{opt.help} ({', '.join(opt.attacks)})")
+  cli.define_config_flags()
   flags.DEFINE_string("out", "runs/latest", "output directory")
   flags.DEFINE_bool("progress", True, "show a progress bar over sub-runs")
   flags.DEFINE_bool("resume", True, "continue the run checkpointed in --out "
@@ -71,9 +49,7 @@ def _define_flags() -> None:
 _define_flags()
 
 
-def config_from_flags() -> config_lib.SimConfig:
-  names = list(config_lib.flag_names()) + list(population_lib.OPTIONS)
-  return config_lib.SimConfig.from_flat(**{n: FLAGS[n].value for n in names})
+config_from_flags = cli.config_from_flags
 
 
 def jax_process_count() -> int:
@@ -81,16 +57,11 @@ def jax_process_count() -> int:
   return jax.process_count()
 
 
-def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+_fail = cli.fail
 
 
 def _parse(argv):
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
+  return cli.parse_flags(argv, lambda message: _fail(message))
 
 
 def main(argv) -> None:

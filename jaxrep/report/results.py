@@ -47,6 +47,9 @@ def _clean(obj):
   return obj
 
 
+clean = _clean   # JSON-ready values: numpy to Python, NaN / inf to None
+
+
 def results_dict(result) -> dict:
   return _clean({
       "config": result.config.flat(),

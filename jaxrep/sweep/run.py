@@ -1,0 +1,182 @@
+"""Running a sweep's cells and writing its tables.
+
+Every cell is one `jaxrep.protocol.run` in this process: datasets are loaded
+once per data setting and shared by the cells that use them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+
+import numpy as np
+
+from jaxrep import data as data_lib
+from jaxrep import protocol
+from jaxrep.config import SimConfig
+from jaxrep.core.errors import ConfigError
+from jaxrep.runtime import workdir
+from jaxrep.sweep import plots as plots_lib
+from jaxrep.sweep import store
+from jaxrep.sweep import table as table_lib
+from jaxrep.sweep.grid import Cell, Spec
+
+
+def describe(cell: Cell) -> str:
+  parts = ([cell.case] if cell.case else []) + [
+      f"{k}={v}" for k, v in cell.point]
+  return " ".join(parts) or "the fixed settings"
+
+
+class Datasets:
+  """Datasets loaded once per data setting."""
+
+  def __init__(self):
+    self._held: dict = {}
+
+  def get(self, config: SimConfig) -> data_lib.Dataset:
+    d = config.data
+    if d not in self._held:
+      self._held[d] = data_lib.load_dataset(
+          d.dataset, d.data_dir, max_train=d.max_train or None,
+          max_len=d.max_len, vocab_size=d.vocab_size)
+    return self._held[d]
+
+
+def check(spec: Spec, datasets: Datasets) -> None:
+  """Every cell's config is valid and fits its dataset (ConfigError naming
+  the cell and the field), before anything trains."""
+  seen = set()
+  for cell in spec.cells():
+    settings = tuple(kv for kv in cell.overrides if kv[0] != "seed")
+    if settings in seen:
+      continue
+    seen.add(settings)
+    try:
+      config = protocol.validate(cell.config())
+      ds = datasets.get(config)
+      resolved = protocol.resolve(config, ds)
+      target = resolved.attack.target_label
+      if target >= ds.num_classes:
+        raise ConfigError(f"target_label: must be in [0, "
+                          f"{ds.num_classes - 1}] (or -1), got {target}")
+    except ConfigError as e:
+      raise ConfigError(f"grid: cell {describe(cell)}: {e}") from None
+
+
+def first_look_tpr(result) -> float:
+  """Share of the malicious providers flagged at the first replicated
+  sub-run."""
+  mal = np.asarray(result.malicious, bool)
+  if not mal.any() or not result.replicated_subruns:
+    return math.nan
+  first = int(result.replicated_subruns[0])
+  return float((np.asarray(result.flagged_at)[mal] == first).mean())
+
+
+def command(cell: Cell) -> str:
+  """The main-job command that runs this cell alone."""
+  args = [f"--{k}={v}" for k, v in cell.overrides if v is not None]
+  return "python -m jaxrep.simulate " + " ".join(shlex.quote(a)
+                                                 for a in args)
+
+
+def record(cell: Cell, result) -> dict:
+  """A cells.jsonl line: the cell, its config and summary (as results.json
+  has them) and its wall time."""
+  summary = dict(result.summary())
+  summary["first_look_tpr"] = first_look_tpr(result)
+  return {"cell": cell.key, "index": cell.index, "case": cell.case,
+          "point": dict(cell.point), "seed": cell.seed,
+          "config": result.config.flat(), "summary": summary,
+          "wall_seconds": result.wall_seconds, "command": command(cell)}
+
+
+def run_cells(cells: list[Cell], writer: store.CellWriter,
+              datasets: Datasets, *, progress: bool = True,
+              done: int = 0, total: int | None = None) -> None:
+  """Runs `cells` one after another, appending each finished one."""
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total or len(cells), initial=done, desc="cells",
+               unit="cell", dynamic_ncols=True)
+  for cell in cells:
+    if bar is not None:
+      bar.set_postfix_str(f"{describe(cell)} seed={cell.seed}")
+    config = cell.config()
+    result = protocol.run(config, progress=False,
+                          dataset=datasets.get(config))
+    writer.write(record(cell, result))
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+
+
+def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
+  """table.csv, table.md and by_<axis>.png from finished cells."""
+  axes = spec.axis_names
+  rows = table_lib.aggregate(records, axes)
+  paths = []
+  for name, text in (("table.csv", table_lib.to_csv(rows, axes)),
+                     ("table.md", table_lib.to_markdown(
+                         rows, axes, spec.description))):
+    path = os.path.join(out, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+    paths.append(path)
+  if rows:
+    paths += plots_lib.write_plots(rows, axes, out, dict(spec.axes))
+  return paths
+
+
+def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
+          progress: bool = True, datasets: Datasets | None = None,
+          log=print) -> list[str]:
+  """Runs the cells of `spec` (or of one shard of them) that `out` does not
+  hold yet, then writes the tables; returns the files written.
+
+  Everything is checked before anything trains (ConfigError naming the
+  cell and field); `out` must hold no sweep or this one.
+  """
+  datasets = datasets or Datasets()
+  workdir.check(out)
+  check(spec, datasets)
+  here = store.shard_dir(out, shard)
+  claim = workdir.Claim(here)
+  try:
+    store.claim_manifest(out, spec.to_json())
+    cells = spec.cells()
+    if shard is not None:
+      cells = [c for c in cells if c.index % shard[1] == shard[0]]
+    path = os.path.join(here, store.CELLS)
+    done = store.read_cells(path)
+    todo = [c for c in cells if c.key not in done]
+    if len(todo) < len(cells):
+      log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells "
+          "already finished")
+    writer = store.CellWriter(path)
+    try:
+      run_cells(todo, writer, datasets, progress=progress,
+                done=len(cells) - len(todo), total=len(cells))
+    finally:
+      writer.close()
+  finally:
+    claim.release()
+  return write_tables(out, spec, list(store.all_cells(out).values()))
+
+
+def merge(out: str, log=print) -> list[str]:
+  """The tables of every cell in `out` and its shards (a note says how many
+  cells have not finished)."""
+  spec = Spec.from_json(store.read_manifest(out))
+  records = list(store.all_cells(out).values())
+  total = len(spec.cells())
+  if len(records) < total:
+    log(f"note: {total - len(records)} of {total} cells have not finished; "
+        "the tables hold the others")
+  return write_tables(out, spec, records)

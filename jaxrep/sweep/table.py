@@ -1,0 +1,121 @@
+"""Aggregating a sweep's cells over seeds: the mean of every summary figure
+with a 95 % confidence interval (Student's t over the seeds' values; no
+interval from a single seed), as CSV and as a markdown table."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Iterable
+
+import numpy as np
+from scipy import stats
+
+# (summary key, column label, shown as a percentage)
+FIGURES = (
+    ("tpr", "TPR", True),
+    ("fpr", "FPR", True),
+    ("first_look_tpr", "first-look TPR", True),
+    ("final_attack_success_rate", "client ASR (RTTD)", True),
+    ("no_defense_attack_success_rate", "client ASR (no defense)", True),
+    ("final_clean_accuracy", "clean acc (RTTD)", True),
+    ("no_defense_clean_accuracy", "clean acc (no defense)", True),
+    ("overhead_steps", "overhead steps", False),
+    ("wall_seconds", "wall s", False),
+)
+
+
+def interval(values: Iterable[float]) -> tuple[float, float, float, int]:
+  """(mean, low, high, count) of the finite values; a 95 % Student t
+  interval, NaN bounds for fewer than two values, NaN mean for none."""
+  v = np.asarray([x for x in values if x is not None and math.isfinite(x)],
+                 float)
+  if v.size == 0:
+    return math.nan, math.nan, math.nan, 0
+  mean = float(v.mean())
+  if v.size < 2:
+    return mean, math.nan, math.nan, 1
+  half = float(stats.t.ppf(0.975, v.size - 1) * v.std(ddof=1)
+               / math.sqrt(v.size))
+  return mean, mean - half, mean + half, int(v.size)
+
+
+def figure(record: dict, key: str):
+  if key == "wall_seconds":
+    return record.get("wall_seconds")
+  return record.get("summary", {}).get(key)
+
+
+def group_key(record: dict, axes: tuple[str, ...]) -> tuple:
+  point = dict(record["point"])
+  return (record.get("case", ""),) + tuple(_hashable(point.get(a))
+                                          for a in axes)
+
+
+def _hashable(v):
+  return tuple(v) if isinstance(v, list) else v
+
+
+def aggregate(records: list[dict], axes: tuple[str, ...]) -> list[dict]:
+  """One row per (case, grid point): its settings, seed count and the
+  (mean, low, high, count) of every figure, in cell order."""
+  groups: dict[tuple, list[dict]] = {}
+  for r in sorted(records, key=lambda r: r["index"]):
+    groups.setdefault(group_key(r, axes), []).append(r)
+  rows = []
+  for key, members in groups.items():
+    row = {"case": key[0], "point": dict(zip(axes, key[1:])),
+           "seeds": sorted(m["seed"] for m in members), "figures": {}}
+    for name, _, _ in FIGURES:
+      row["figures"][name] = interval(figure(m, name) for m in members)
+    rows.append(row)
+  return rows
+
+
+def to_csv(rows: list[dict], axes: tuple[str, ...]) -> str:
+  out = io.StringIO()
+  w = csv.writer(out)
+  has_case = any(r["case"] for r in rows)
+  head = (["case"] if has_case else []) + list(axes) + ["seeds"]
+  for name, _, _ in FIGURES:
+    head += [f"{name}_mean", f"{name}_ci_low", f"{name}_ci_high"]
+  w.writerow(head)
+  for r in rows:
+    line = ([r["case"]] if has_case else []) + [r["point"][a] for a in axes]
+    line.append(len(r["seeds"]))
+    for name, _, _ in FIGURES:
+      mean, lo, hi, _ = r["figures"][name]
+      line += ["" if math.isnan(v) else f"{v:.6g}" for v in (mean, lo, hi)]
+    w.writerow(line)
+  return out.getvalue()
+
+
+def _cell(mean, lo, hi, pct: bool) -> str:
+  if math.isnan(mean):
+    return "-"
+  scale = 100.0 if pct else 1.0
+  digits = 1 if pct else 0
+  text = f"{mean * scale:.{digits}f}"
+  if not math.isnan(lo):
+    text += f" ± {(hi - mean) * scale:.{digits}f}"
+  return text + (" %" if pct else "")
+
+
+def to_markdown(rows: list[dict], axes: tuple[str, ...],
+                title: str = "") -> str:
+  has_case = any(r["case"] for r in rows)
+  head = (["case"] if has_case else []) + list(axes) + ["seeds"] + [
+      label for _, label, _ in FIGURES]
+  lines = [f"{title}\n" if title else "",
+           "| " + " | ".join(head) + " |",
+           "|" + "---|" * len(head)]
+  for r in rows:
+    cells = ([r["case"]] if has_case else []) + [
+        str(r["point"][a]) for a in axes] + [str(len(r["seeds"]))]
+    cells += [_cell(*r["figures"][name][:3], pct)
+              for name, _, pct in FIGURES]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines.append("\nmean ± half-width of the 95 % t interval over seeds "
+               "(none from one seed).")
+  return "\n".join(l for l in lines if l) + "\n"
