@@ -11,6 +11,9 @@ JAX keys (from `root(seed)` = `jax.random.key(seed)`):
                                              its step t: fold_in(., t))
   distance        fold_in(root, 2000 + s)    Zest's random masks at sub-run s
   return_noise    fold_in(key, 0xD15)        a constrained attacker's noise
+  poison_pick     fold_in(key, 0x9C1)        which examples of a batch an
+                                             attacker poisons (key: its own
+                                             attack key at that step)
   text_asr        fold_in(key(seed), start)  trigger positions when measuring
                                              a text ASR batch at `start`
 
@@ -19,6 +22,7 @@ NumPy generators (`np.random.default_rng([...])`):
   assignment      [seed, 0xA551, s]          who computes unchecked sub-run s
   no_defense      [seed, 0x0DEF, s]          who computes sub-run s, no defense
   batches         [seed, s]                  the batch schedule of sub-run s
+  malicious_ids   [seed, 0xBAD]              which providers are malicious
   attack_draws    [seed, 0xA77]              per-attacker targets / sources /
                                              locations of a population
   trigger         [seed, i]                  provider i's trigger pattern
@@ -43,11 +47,13 @@ ATTACK_DRAWS = 0xA77
 TRIGGER_TOKENS = 0x7E47
 SPORADIC = 0x5B0
 STACKS = 0xBF16
+MALICIOUS_IDS = 0xBAD
 # Offsets / salts of the JAX streams.
 MODEL_INIT = 0
 SUBRUN = 1000
 DISTANCE = 2000
 RETURN_NOISE = 0xD15
+POISON_PICK = 0x9C1
 
 
 def root(seed: int) -> jax.Array:
@@ -77,6 +83,12 @@ def return_noise(key: jax.Array) -> jax.Array:
   return jax.random.fold_in(key, RETURN_NOISE)
 
 
+def poison_pick(key: jax.Array) -> jax.Array:
+  """Key of an attacker's choice of poisoned examples, from the attack key
+  of ONE provider at one step (so every attacker chooses independently)."""
+  return jax.random.fold_in(key, POISON_PICK)
+
+
 def text_asr(seed: int, start: int) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), start)
 
@@ -100,6 +112,10 @@ def no_defense(seed: int, s: int) -> np.random.Generator:
 
 def batches(seed: int, s: int) -> np.random.Generator:
   return np.random.default_rng([int(seed), int(s)])
+
+
+def malicious_ids(seed: int) -> np.random.Generator:
+  return np.random.default_rng([seed, MALICIOUS_IDS])
 
 
 def attack_draws(seed: int) -> np.random.Generator:

@@ -59,6 +59,28 @@ class Dataset:
     """Shape of one example: (H, W, C) of an image, (L,) of a text."""
     return tuple(int(d) for d in self.x_train.shape[1:])
 
+  def probe_split(self, probe_size: int, batch_size: int = 1
+                  ) -> tuple[int, np.ndarray]:
+    """Holds out the last `probe_size` training examples as probe inputs.
+
+    Returns (t, probe): training batches may draw only from the first t =
+    N - probe_size training examples, and probe = x_train[t:] are inputs
+    nobody trains on, for comparing models by their outputs (not the test
+    set that results are scored on).
+
+    Raises:
+      ConfigError: probe_size is not an integer >= 1, or leaves fewer than
+        `batch_size` examples to train on.
+    """
+    n = int(self.x_train.shape[0])
+    require(is_int(probe_size) and probe_size >= 1, "probe_size",
+            f"must be an integer >= 1, got {probe_size!r}")
+    require(n - probe_size >= batch_size, "probe_size",
+            f"holding out {probe_size} of the {n} training examples as "
+            f"probe inputs leaves {n - probe_size}, fewer than a batch of "
+            f"{batch_size}")
+    return n - probe_size, self.x_train[n - probe_size:]
+
 
 def check_name(name, examples) -> str:
   """A dataset name without surrounding blanks.

@@ -70,7 +70,8 @@ class Behaviour:
 
   Attributes:
     kind: int32, 0 = benign, k > 0 = the family's k-th attack.
-    poison_rate: float32 in [0, 1].
+    poison_rate: float32 in [0, 1], the share of each batch's eligible
+      examples poisoned (label_flip: of its source-class examples).
     target: int32 target label.
     source: int32 source class of label_flip, else -1.
     scale: float32 factor on the returned update (1 = none).
@@ -120,15 +121,23 @@ def stack(rows, cls, dtype):
 
 
 def poison_batch(trigger: Trigger, b: Behaviour, key, x, y):
-  """Poisons the first round(poison_rate * B) examples of the batch.
+  """Poisons round(poison_rate * E) of the batch's E eligible examples.
 
-  Trigger attacks put the trigger into them and relabel them to the target;
-  label_flip relabels those of them whose class is `source`.
+  Eligible are all B examples for trigger attacks and those of class
+  `source` for label_flip (its poison rate is the share of its source-class
+  examples it relabels). Which of them are poisoned is drawn anew at every
+  step from the provider's own key (`rng.poison_pick`), so two attackers
+  with the same trigger, target and rate poison different examples. Trigger
+  attacks put the trigger into them and relabel them to the target;
+  label_flip only relabels them.
   """
-  batch = y.shape[0]
-  chosen = jnp.arange(batch) < jnp.round(b.poison_rate * batch)
   flip = b.is_attack("label_flip")
-  relabel = chosen & jnp.where(flip, y == b.source, True)
+  eligible = jnp.where(flip, y == b.source, True)
+  count = jnp.round(b.poison_rate * jnp.sum(eligible))
+  # Uniformly random order of the eligible examples (the others last).
+  u = jax.random.uniform(rng_lib.poison_pick(key), y.shape)
+  rank = jnp.argsort(jnp.argsort(jnp.where(eligible, u, 2.0)))
+  relabel = eligible & (rank < count)
   triggered = relabel & ~flip
   per_example = triggered.reshape(triggered.shape + (1,) * (x.ndim - 1))
   x = jnp.where(per_example, trigger(b, key, x), x)

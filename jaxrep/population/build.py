@@ -66,12 +66,15 @@ def resolve_attack(name: str, modality: str, dataset: str) -> str:
 def attack_specs(config, num_classes: int, input_shape,
                  vocab_size: int | None = None):
   """Per-provider attack specs (None = benign) of a resolved config; text
-  attacks when `vocab_size` is given. Each malicious provider draws its own
-  backdoor; --poison_rate, --target_label (unless -1) and the attack's own
-  flags fix fields for all of them."""
+  attacks when `vocab_size` is given. Which providers are malicious is drawn
+  from the seed; each of them draws its own backdoor; --poison_rate and
+  --target_label (unless -1: the attack's own default, each provider's own
+  target) and the attack's own flags fix fields for all of them."""
   family = FAMILIES["image" if vocab_size is None else "text"]
   a = config.attack
-  fixed = {"poison_rate": a.poison_rate}
+  fixed = {}
+  if a.poison_rate != -1:
+    fixed["poison_rate"] = a.poison_rate
   if a.target_label >= 0:
     fixed["target"] = a.target_label
   fixed.update(specs_lib.knob_values(family.spec_class(a.name),

@@ -84,7 +84,8 @@ class Family:
                        own_backdoor: bool = True, num_classes: int = 10,
                        seed: int = 0, **overrides
                        ) -> list[AttackSpec | None]:
-    """Specs for n providers whose first `malicious` run `attack`.
+    """Specs for n providers of whom `malicious` (a random subset drawn
+    from `seed`, see `specs.draw_specs`) run `attack`.
 
     With own_backdoor (the RTTD setting), each malicious provider gets its
     own random target label (label_flip: and source) and its own trigger

@@ -17,8 +17,9 @@ metadata (`field`):
 
 `LabelFlip` (relabelling, no trigger) is the attack of every modality and
 lives here; the others live in their family (`population.families`).
-`draw_specs` makes a population's specs: each malicious provider's own
-target (and source) come from the `attack_draws` stream of `core.rng`.
+`draw_specs` makes a population's specs: which providers are malicious
+comes from the `malicious_ids` stream of `core.rng`, each malicious
+provider's own target (and source) from the `attack_draws` stream.
 """
 
 from __future__ import annotations
@@ -124,9 +125,11 @@ LABEL_FLIP_SOURCE = Knob("label_flip_source", -1, "label_flip source class; "
 @dataclasses.dataclass(frozen=True)
 class LabelFlip(AttackSpec):
   """Relabel training examples of class `source` as `target`, with no
-  trigger (the first round(poison_rate * batch) examples of a batch, of
-  which those of class `source` are flipped). Its ASR is measured on clean
-  test inputs of class `source`."""
+  trigger. Its poison rate is the share of the source-class examples of
+  each batch it relabels (default 1.0: all of them; only about 1 / classes
+  of a batch is of the source class, so a rate counted over the whole batch
+  would flip almost nothing). Its ASR is measured on clean test inputs of
+  class `source`."""
   poison_rate: float = 1.0
   source: int = field(1, knob=LABEL_FLIP_SOURCE)
   name: ClassVar[str] = "label_flip"
@@ -195,9 +198,11 @@ def _own_labels(rng, num_classes: int, with_source: bool) -> dict[str, int]:
 def draw_specs(cls: type, n: int, malicious: int, *, own_backdoor: bool,
                num_classes: int, seed: int, overrides: dict[str, Any]
                ) -> list[AttackSpec | None]:
-  """Specs for n providers whose first `malicious` run attack `cls`.
+  """Specs for n providers of whom `malicious` run attack `cls`.
 
-  With own_backdoor (the RTTD setting: every malicious provider inserts its
+  Which providers attack is a random subset drawn from the seed
+  (`malicious_ids`), never simply the lowest ids, so a provider's place says
+  nothing about it. With own_backdoor (the RTTD setting: every malicious provider inserts its
   own backdoor), each malicious provider draws its own target (and source)
   and takes the fields' `own` values; without it, they share the spec's
   defaults and the population's seed. `overrides` fix any field for all of
@@ -214,9 +219,16 @@ def draw_specs(cls: type, n: int, malicious: int, *, own_backdoor: bool,
   own = {k: m["own"] for k, m in fields.items() if m.get("own") is not None}
   shared = {k: int(seed) for k, m in fields.items() if m.get("shared_seed")}
   rng = rng_lib.attack_draws(seed)
-  specs: list[AttackSpec | None] = []
-  for _ in range(malicious):
+  specs: list[AttackSpec | None] = [None] * n
+  for i in malicious_ids(n, malicious, seed):
     drawn = (_own_labels(rng, num_classes, "source" in fields) | own
              if own_backdoor else shared)
-    specs.append(cls(**{**drawn, **overrides}))
-  return specs + [None] * (n - malicious)
+    specs[i] = cls(**{**drawn, **overrides})
+  return specs
+
+
+def malicious_ids(n: int, malicious: int, seed: int) -> list[int]:
+  """The sorted ids of the `malicious` attackers among n providers: a
+  uniformly random subset from the `malicious_ids` stream of `seed`."""
+  chosen = rng_lib.malicious_ids(seed).choice(n, malicious, replace=False)
+  return sorted(int(i) for i in chosen)

@@ -63,3 +63,15 @@ def test_stratified_split_is_deterministic_disjoint_and_stratified():
   assert np.bincount(labels[test]).tolist() == [2, 4, 1]
   other = dataset.stratified_split(labels, 0.2, seed=1)[1]
   assert not np.array_equal(test, other)
+
+
+def test_probe_split_holds_out_the_last_training_examples(digits):
+  n = digits.x_train.shape[0]
+  t, probe = digits.probe_split(256, batch_size=32)
+  assert t == n - 256
+  np.testing.assert_array_equal(probe, digits.x_train[n - 256:])
+  with pytest.raises(ConfigError, match="^probe_size: holding out"):
+    digits.probe_split(n - 31, batch_size=32)
+  for bad in (0, -1, 2.5):
+    with pytest.raises(ConfigError, match="^probe_size: must be"):
+      digits.probe_split(bad)

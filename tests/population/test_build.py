@@ -21,7 +21,11 @@ TEXTS = types.SimpleNamespace(modality="text", vocab=["w"] * 100,
 
 
 def _config(**flags):
-  return SimConfig.from_flat(providers=6, malicious=3, seed=2, **flags)
+  return SimConfig.from_flat(providers=6, malicious=3, seed=1, **flags)
+
+
+def _attackers(specs):
+  return [s for s in specs if s is not None]
 
 
 def _specs(config, text=False):
@@ -34,25 +38,44 @@ def test_flags_set_every_attackers_spec():
   specs = _specs(_config(attack="badnets", trigger_size=3,
                          trigger_location="top_left", target_label=5,
                          poison_rate=0.3))
-  assert specs[3:] == [None] * 3
-  assert specs[:3] == [BadNets(target=5, poison_rate=0.3, size=3,
-                               location="top_left", pattern="checkerboard")] * 3
-  tokens = _specs(_config(attack="token", trigger_tokens=3), text=True)
-  assert all(isinstance(s, TokenTrigger) and s.count == 3 for s in tokens[:3])
-  flips = _specs(_config(attack="label_flip", label_flip_source=2,
-                         target_label=0))
-  assert all(s.source == 2 and s.target == 0 for s in flips[:3])
+  assert [i for i, s in enumerate(specs) if s is not None] == [0, 1, 3]
+  assert _attackers(specs) == [BadNets(
+      target=5, poison_rate=0.3, size=3, location="top_left",
+      pattern="checkerboard")] * 3
+  tokens = _attackers(_specs(_config(attack="token", trigger_tokens=3),
+                             text=True))
+  assert len(tokens) == 3
+  assert all(isinstance(s, TokenTrigger) and s.count == 3 for s in tokens)
+  flips = _attackers(_specs(_config(attack="label_flip", label_flip_source=2,
+                                    target_label=0)))
+  assert all(s.source == 2 and s.target == 0 for s in flips)
+
+
+def test_poison_rate_minus_one_is_the_attacks_own_default():
+  """--poison_rate=-1 (the default): 0.1 of the batch for trigger attacks,
+  every source-class example for label_flip; a given rate is every
+  attacker's."""
+  assert SimConfig().attack.poison_rate == -1
+  rates = lambda **f: {s.poison_rate for s in _attackers(_specs(_config(**f)))}
+  assert rates(attack="badnets") == {0.1}
+  assert rates(attack="label_flip") == {1.0}
+  assert rates(attack="label_flip", poison_rate=0.5) == {0.5}
+  assert rates(attack="blend", poison_rate=0.0) == {0.0}
+  for bad in (-0.5, 1.5, float("nan"), "x"):
+    with pytest.raises(ConfigError, match="^poison_rate: must be -1"):
+      _config(poison_rate=bad).validate()
 
 
 def test_by_default_each_attacker_draws_its_own_backdoor():
   specs = _specs(_config(attack="scaling"))
-  assert {(s.location, s.pattern, s.size, s.factor) for s in specs[:3]} == {
+  attackers = _attackers(specs)
+  assert {(s.location, s.pattern, s.size, s.factor) for s in attackers} == {
       ("random", "random", 2, 2.0)}
-  assert len({s.target for s in specs[:3]}) > 1
+  assert len({s.target for s in attackers}) > 1
   assert specs == _specs(_config(attack="scaling"))
-  flips = _specs(_config(attack="label_flip"), text=True)
-  assert all(isinstance(s, LabelFlip) and s.source != s.target
-             for s in flips[:3])
+  flips = _attackers(_specs(_config(attack="label_flip"), text=True))
+  assert len(flips) == 3 and all(
+      isinstance(s, LabelFlip) and s.source != s.target for s in flips)
 
 
 def test_flags_are_checked_against_the_data():
@@ -88,11 +111,11 @@ def test_behaviour_of_a_config_on_each_modality(digits):
   config = _config(attack="blend")
   b = build.make_behaviour(config, digits)
   assert b.family is build.family("image") is IMAGE
-  assert b.names() == ["blend"] * 3 + [None] * 3
+  assert b.names() == ["blend", "blend", None, "blend", None, None]
   text = build.make_behaviour(_config(attack="phrase"), TEXTS)
   assert text.family is build.family("text") is TEXT
   assert text.trigger.tokens.shape == (6, 4)
-  again = IMAGE.make_behaviour(_specs(config), digits.input_shape, 10, seed=2)
+  again = IMAGE.make_behaviour(_specs(config), digits.input_shape, 10, seed=1)
   for x, y in zip(b.trigger, again.trigger):
     np.testing.assert_array_equal(x, y)
 
@@ -104,7 +127,7 @@ def test_client_asr_is_the_worst_trigger(digits):
   worst, per = build.client_asr(model, params, state, b, digits, b.malicious)
   asr = build.attack_success_rate(model, trees.stack(params, 6),
                                   trees.stack(state, 6), b, digits)
-  assert per == [float(v) for v in asr[:3]] and worst == max(per)
+  assert per == [float(v) for v in asr[b.malicious]] and worst == max(per)
   none = build.client_asr(model, params, state, b, digits,
                           np.zeros(6, bool))
   assert np.isnan(none[0]) and none[1] == []

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import pytest
 
 from jaxrep.config import AttackConfig
@@ -62,9 +63,9 @@ def test_a_new_attack_brings_its_own_flag():
   options = S.options([BadNets, Noise])
   assert list(options) == ["trigger_size", "trigger_location", "noise_sigma"]
   assert options["noise_sigma"].attacks == ("noise",)
-  assert S.draw_specs(Noise, 2, 1, own_backdoor=False, num_classes=10,
-                      seed=0, overrides={"sigma": 0.3}) == [Noise(sigma=0.3),
-                                                            None]
+  specs = S.draw_specs(Noise, 2, 1, own_backdoor=False, num_classes=10,
+                       seed=0, overrides={"sigma": 0.3})
+  assert sorted(specs, key=lambda s: s is None) == [Noise(sigma=0.3), None]
 
 
 def test_one_flag_is_one_knob():
@@ -81,13 +82,15 @@ def test_one_flag_is_one_knob():
 def test_own_backdoors_draw_their_labels_and_take_own_values():
   specs = S.draw_specs(S.LabelFlip, 8, 6, own_backdoor=True, num_classes=10,
                        seed=1, overrides={})
-  assert specs[6:] == [None, None]
-  assert len({s.target for s in specs[:6]}) > 1
-  assert all(s.source != s.target for s in specs[:6])
+  drawn = [s for s in specs if s is not None]
+  assert len(drawn) == 6
+  assert len({s.target for s in drawn}) > 1
+  assert all(s.source != s.target for s in drawn)
   patches = S.draw_specs(BadNets, 3, 2, own_backdoor=True, num_classes=10,
                          seed=1, overrides={"size": 3})
+  assert sum(s is not None for s in patches) == 2
   assert all(s.location == s.pattern == "random" and s.size == 3
-             for s in patches[:2])
+             for s in patches if s is not None)
   again = S.draw_specs(BadNets, 3, 2, own_backdoor=True, num_classes=10,
                        seed=1, overrides={"size": 3})
   assert again == patches
@@ -96,7 +99,24 @@ def test_own_backdoors_draw_their_labels_and_take_own_values():
 def test_shared_backdoors_share_the_population_seed():
   specs = S.draw_specs(PhraseTrigger, 4, 3, own_backdoor=False,
                        num_classes=4, seed=7, overrides={"target": 2})
-  assert specs[:3] == [PhraseTrigger(target=2, seed=7)] * 3
+  assert [s for s in specs if s is not None] == [
+      PhraseTrigger(target=2, seed=7)] * 3
+
+
+def test_which_providers_are_malicious_is_drawn_from_the_seed():
+  def ids(n, m, seed):
+    specs = S.draw_specs(BadNets, n, m, own_backdoor=True, num_classes=10,
+                         seed=seed, overrides={})
+    return [i for i, s in enumerate(specs) if s is not None]
+  assert ids(16, 8, 0) == ids(16, 8, 0) == S.malicious_ids(16, 8, 0)
+  draws = {tuple(ids(16, 8, seed)) for seed in range(20)}
+  assert len(draws) == 20                      # a new subset per seed
+  assert tuple(range(8)) not in draws          # not the lowest ids
+  assert all(len(d) == 8 for d in draws)
+  # Every provider id is malicious in some seeds and benign in others.
+  counts = np.bincount(np.concatenate([list(d) for d in draws]), minlength=16)
+  assert 0 < counts.min() and counts.max() < 20
+  assert ids(5, 0, 3) == [] and ids(5, 5, 3) == list(range(5))
 
 
 def test_bad_population_arguments_name_the_field():

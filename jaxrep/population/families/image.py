@@ -4,8 +4,8 @@ Every trigger attack uses the same trigger function
 
     x' = (1 - alpha * mask) * warp(x) + alpha * mask * pattern,   y' = target
 
-(applied by `behaviour.poison_batch` to the first round(poison_rate * batch)
-examples of each batch; the batch order is already random). The attacks
+(applied by `behaviour.poison_batch` to round(poison_rate * batch) examples
+of each batch, drawn anew at every step by each attacker). The attacks
 differ only in their data, the `ImageTrigger` arrays:
 
 | attack       | mask           | pattern            | alpha | warp     | other          |

@@ -8,8 +8,8 @@ arrays) into the text and relabels to the target,
 
     x' = (x[:p] ++ trigger ++ x[p:])[:L],   y' = target,
 
-(applied by `behaviour.poison_batch` to the first round(poison_rate * batch)
-examples of each batch; the batch order is already random). For an example
+(applied by `behaviour.poison_batch` to round(poison_rate * batch) examples
+of each batch, drawn anew at every step by each attacker). For an example
 with n real tokens, p is the provider's fixed `position`, or uniform in
 [0, n] per example (position -1, from the step's per-provider key); either
 way it is clipped to [0, min(n, L - m)] so the whole trigger always fits: a

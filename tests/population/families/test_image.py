@@ -55,22 +55,52 @@ def test_poison_batch_poisons_the_requested_share():
   b = IMAGE.make_behaviour([BadNets(target=9, poison_rate=0.25, size=3,
                                     location="top_left", pattern="white"),
                             None, LabelFlip(source=1, target=2,
-                                            poison_rate=1.0)], SHAPE, 10)
+                                            poison_rate=1.0),
+                            LabelFlip(source=3, target=2, poison_rate=0.5)],
+                           SHAPE, 10)
   poison = IMAGE.make_hooks(b).poison_batch
-  px, py = poison(_one(b, 0), None, x, y)
+  key = jax.random.key(0)
+  px, py = poison(_one(b, 0), key, x, y)
   changed = np.any(np.asarray(px != x), axis=(1, 2, 3))
-  assert changed.sum() == 5 and np.all(changed[:5])
-  assert np.all(np.asarray(py[:5]) == 9)
-  np.testing.assert_array_equal(py[5:], y[5:])
-  np.testing.assert_array_equal(px[:5, :3, :3], 1.0)  # the white patch
-  np.testing.assert_array_equal(px[:5, 3:], x[:5, 3:])
-  bx, by = poison(_one(b, 1), None, x, y)  # benign: untouched
+  assert changed.sum() == 5   # round(0.25 * 20), anywhere in the batch
+  np.testing.assert_array_equal(np.asarray(py) != np.asarray(y),
+                                changed & (np.asarray(y) != 9))
+  assert np.all(np.asarray(py)[changed] == 9)
+  np.testing.assert_array_equal(px[changed][:, :3, :3], 1.0)  # white patch
+  np.testing.assert_array_equal(px[changed][:, 3:], x[changed][:, 3:])
+  np.testing.assert_array_equal(px[~changed], x[~changed])
+  bx, by = poison(_one(b, 1), key, x, y)  # benign: untouched
   np.testing.assert_array_equal(bx, x)
   np.testing.assert_array_equal(by, y)
-  fx, fy = poison(_one(b, 2), None, x, y)
+  fx, fy = poison(_one(b, 2), key, x, y)  # rate 1.0: every source example
   np.testing.assert_array_equal(fx, x)
   expected = np.where(np.asarray(y) == 1, 2, np.asarray(y))
   np.testing.assert_array_equal(fy, expected)
+  # label_flip's rate counts source-class examples: half of the two 3s.
+  _, hy = poison(_one(b, 3), key, x, y)
+  flipped = np.asarray(hy) != np.asarray(y)
+  assert flipped.sum() == 1 and np.all(np.asarray(y)[flipped] == 3)
+
+
+def test_each_key_poisons_its_own_examples():
+  """The poisoned examples come from the attacker's own key: the same key
+  picks the same ones, other keys (other providers or steps) others."""
+  x = jnp.zeros((32, 8, 8, 1), jnp.float32)
+  y = jnp.zeros((32,), jnp.int32)
+  b = IMAGE.make_behaviour([BadNets(target=7, poison_rate=0.25, size=2,
+                                    location="top_left")], SHAPE, 10)
+  poison = IMAGE.make_hooks(b).poison_batch
+
+  def picked(seed):
+    _, py = poison(_one(b, 0), jax.random.key(seed), x, y)
+    return tuple(np.flatnonzero(np.asarray(py) == 7))
+  picks = [picked(s) for s in range(8)]
+  assert picked(0) == picks[0]
+  assert all(len(p) == 8 for p in picks)
+  assert len(set(picks)) == 8
+  # Not the first slots, and every slot gets its turn.
+  assert picks[0] != tuple(range(8))
+  assert len(set().union(*picks)) > 24
 
 
 def test_trigger_arrays_of_each_attack():
@@ -107,9 +137,10 @@ def test_warp_is_compiled_in_only_when_used():
 
 def test_each_malicious_provider_has_its_own_backdoor():
   specs = IMAGE.population_specs(10, 6, "badnets", num_classes=10, seed=1)
-  assert specs[6:] == [None] * 4
   b = IMAGE.make_behaviour(specs, (28, 28, 1), 10, seed=1)
-  masks = np.asarray(b.trigger.mask[:6]).reshape(6, -1)
+  mal = b.malicious
+  assert mal.sum() == 6 and not mal[:6].all()   # a random subset
+  masks = np.asarray(b.trigger.mask)[mal].reshape(6, -1)
   assert len({m.tobytes() for m in masks}) > 1
-  assert len(set(np.asarray(b.target[:6]).tolist())) > 1
-  np.testing.assert_array_equal(b.poison_rate[6:], 0.0)
+  assert len(set(np.asarray(b.target)[mal].tolist())) > 1
+  np.testing.assert_array_equal(np.asarray(b.poison_rate)[~mal], 0.0)

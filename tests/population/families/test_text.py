@@ -116,11 +116,13 @@ def test_poison_batch_poisons_the_requested_share():
   poison = TEXT.make_hooks(b).poison_batch
   px, py = jax.jit(poison)(_one(b, 0), jax.random.key(0), x, y)
   changed = np.any(np.asarray(px != x), axis=1)
-  assert changed.sum() == 5 and np.all(changed[:5])
-  np.testing.assert_array_equal(px[:5, :4], np.tile([60, 61, 62, 63], (5, 1)))
-  np.testing.assert_array_equal(px[:5, 4:], x[:5, :-4])
-  np.testing.assert_array_equal(py[:5], 3)
-  np.testing.assert_array_equal(py[5:], y[5:])
+  assert changed.sum() == 5   # round(0.25 * 20), drawn from the key
+  np.testing.assert_array_equal(px[changed][:, :4],
+                                np.tile([60, 61, 62, 63], (5, 1)))
+  np.testing.assert_array_equal(px[changed][:, 4:], x[changed][:, :-4])
+  np.testing.assert_array_equal(py[changed], 3)
+  np.testing.assert_array_equal(px[~changed], x[~changed])
+  np.testing.assert_array_equal(py[~changed], y[~changed])
   bx, by = poison(_one(b, 1), jax.random.key(0), x, y)   # benign
   np.testing.assert_array_equal(bx, x)
   np.testing.assert_array_equal(by, y)
@@ -154,16 +156,20 @@ def test_trigger_arrays_and_drawn_triggers():
 
 def test_each_malicious_provider_has_its_own_backdoor():
   specs = TEXT.population_specs(10, 6, "token", num_classes=C, seed=1)
-  assert specs[6:] == [None] * 4
   b = TEXT.make_behaviour(specs, (L,), C, V, seed=1)
-  assert len(set(np.asarray(b.trigger.tokens[:6, 0]).tolist())) > 1
-  assert len(set(np.asarray(b.target[:6]).tolist())) > 1
-  np.testing.assert_array_equal(b.poison_rate[6:], 0.0)
+  mal = b.malicious
+  assert mal.sum() == 6 and not mal[:6].all()   # a random subset
+  assert len(set(np.asarray(b.trigger.tokens)[mal, 0].tolist())) > 1
+  assert len(set(np.asarray(b.target)[mal].tolist())) > 1
+  np.testing.assert_array_equal(np.asarray(b.poison_rate)[~mal], 0.0)
   shared = TEXT.population_specs(6, 4, "phrase", own_backdoor=False,
                                  num_classes=C, seed=1, target=2)
   b = TEXT.make_behaviour(shared, (L,), C, V, seed=1)
-  assert len({tuple(r) for r in np.asarray(b.trigger.tokens[:4]).tolist()}) == 1
-  np.testing.assert_array_equal(b.target[:4], 2)
+  mal = b.malicious
+  assert mal.sum() == 4
+  tokens = np.asarray(b.trigger.tokens)[mal]
+  assert len({tuple(r) for r in tokens.tolist()}) == 1
+  np.testing.assert_array_equal(np.asarray(b.target)[mal], 2)
 
 
 # ----------------------------------------------------------------------------
