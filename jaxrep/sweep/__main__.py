@@ -19,7 +19,8 @@ flags override it.
 Writes to --out: sweep.json (the spec), cells.jsonl (one line per finished
 cell: its config and summary as results.json has them), table.csv and
 table.md (mean and 95 % interval over seeds of every summary figure) and
-by_<axis>.png. Killing a sweep and running the same command again runs only
+by_<axis>.png; xla_cache/ holds the compiled programs the cells share.
+Killing a sweep and running the same command again runs only
 the missing cells; a different sweep in the same --out is refused. Bad grids
 exit with status 2 and one line, before any training.
 """
@@ -53,6 +54,9 @@ flags.DEFINE_string("shard", None, "run only share i of N of the cells "
 flags.DEFINE_bool("merge", False, "only aggregate the cells (and shards) in "
                   "--out into the tables")
 flags.DEFINE_bool("progress", True, "show a progress bar over cells")
+flags.DEFINE_string("compilation_cache", "", "directory of XLA's persistent "
+                    "compilation cache, shared by the cells (default "
+                    "<out>/xla_cache; 'none': off)")
 
 
 def _fail(message: str) -> None:
@@ -87,7 +91,10 @@ def main(argv) -> None:
     else:
       paths = run_lib.sweep(_spec(), FLAGS.out,
                             shard=store.parse_shard(FLAGS.shard),
-                            progress=FLAGS.progress)
+                            progress=FLAGS.progress,
+                            compilation_cache=None
+                            if FLAGS.compilation_cache == "none"
+                            else FLAGS.compilation_cache)
   except ConfigError as e:
     message = str(e).splitlines()[0]
     _fail(f"--{message}" if message.split(":")[0] in FLAGS else message)

@@ -16,6 +16,7 @@ from jaxrep import data as data_lib
 from jaxrep import protocol
 from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
+from jaxrep.runtime import compilation
 from jaxrep.runtime import workdir
 from jaxrep.sweep import plots as plots_lib
 from jaxrep.sweep import store
@@ -136,18 +137,23 @@ def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
 
 def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
           progress: bool = True, datasets: Datasets | None = None,
-          log=print) -> list[str]:
+          compilation_cache: str | None = "", log=print) -> list[str]:
   """Runs the cells of `spec` (or of one shard of them) that `out` does not
   hold yet, then writes the tables; returns the files written.
 
   Everything is checked before anything trains (ConfigError naming the
-  cell and field); `out` must hold no sweep or this one.
+  cell and field); `out` must hold no sweep or this one. Compiled programs
+  are shared by the cells through XLA's persistent cache in
+  `compilation_cache` ("" = <out>/xla_cache; None = off).
   """
   datasets = datasets or Datasets()
   workdir.check(out)
   check(spec, datasets)
   here = store.shard_dir(out, shard)
   claim = workdir.Claim(here)
+  if compilation_cache is not None:
+    compilation.enable_cache(compilation_cache or
+                             os.path.join(out, "xla_cache"))
   try:
     store.claim_manifest(out, spec.to_json())
     cells = spec.cells()
