@@ -49,6 +49,10 @@ flags.DEFINE_string("seeds", None, "seeds of every grid point: lo:hi (hi "
 flags.DEFINE_string("config", None, "a study file (TOML): description, "
                     "seeds, [fixed], [grid], [[cases]]")
 flags.DEFINE_string("out", "runs/sweep", "output directory")
+flags.DEFINE_list("figures", [], "summary figures of the tables (default: "
+                  "the study file's, else TPR, FPR, first-look TPR, client "
+                  "ASR and clean accuracy with and without RTTD, overhead, "
+                  "wall time)")
 flags.DEFINE_string("shard", None, "run only share i of N of the cells "
                     "(i/N, 0 <= i < N; e.g. a job array)")
 flags.DEFINE_bool("merge", False, "only aggregate the cells (and shards) in "
@@ -69,9 +73,10 @@ def _spec() -> grid_lib.Spec:
     raise ConfigError("seed: a sweep's seeds are given by --seeds")
   if FLAGS.config:
     return grid_lib.Spec.from_file(FLAGS.config, grid=FLAGS.grid,
-                                   seeds=FLAGS.seeds, fixed=fixed)
+                                   seeds=FLAGS.seeds, fixed=fixed,
+                                   figures=FLAGS.figures)
   return grid_lib.Spec.parse(grid=FLAGS.grid, seeds=FLAGS.seeds or "0",
-                             fixed=fixed)
+                             fixed=fixed, figures=FLAGS.figures)
 
 
 def _show(out: str, paths: list[str]) -> None:

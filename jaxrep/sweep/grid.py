@@ -28,9 +28,10 @@ from typing import Any
 from jaxrep import cli
 from jaxrep import config as config_lib
 from jaxrep.core.errors import ConfigError
+from jaxrep.sweep import table as table_lib
 
 # What a study file may hold at its top level.
-FILE_KEYS = ("description", "seeds", "fixed", "grid", "cases")
+FILE_KEYS = ("description", "seeds", "fixed", "grid", "cases", "figures")
 
 
 def _flag_of(name: str) -> str:
@@ -182,18 +183,21 @@ class Spec:
   axes: tuple = ()         # ((flag, (values...)), ...)
   seeds: tuple = (0,)
   description: str = ""
+  figures: tuple = ()      # the tables' figures (default: table.DEFAULT)
 
   @classmethod
   def parse(cls, *, grid: str = "", seeds="0", fixed=None, cases=None,
-            axes=None, description: str = "") -> "Spec":
+            axes=None, description: str = "", figures=()) -> "Spec":
     ax = dict(axes or {})
     for flag, vals in parse_grid(grid).items():
       ax[flag] = vals
     return cls.make(fixed=fixed or {}, cases=cases or [], axes=ax,
-                    seeds=parse_seeds(seeds), description=description)
+                    seeds=parse_seeds(seeds), description=description,
+                    figures=figures)
 
   @classmethod
-  def make(cls, *, fixed, cases, axes, seeds, description="") -> "Spec":
+  def make(cls, *, fixed, cases, axes, seeds, description="",
+           figures=()) -> "Spec":
     fixed = settings(fixed)
     named = []
     for i, case in enumerate(cases):
@@ -207,15 +211,18 @@ class Spec:
         raise ConfigError(f"grid: axis {flag} has no values")
       if len(set(map(repr, vals))) != len(vals):
         raise ConfigError(f"grid: axis {flag} repeats a value")
+    table_lib.figures(figures)   # unknown names are a ConfigError
     return cls(fixed=tuple(sorted(fixed.items())), cases=tuple(named),
                axes=tuple((f, tuple(v)) for f, v in axes.items()),
-               seeds=tuple(seeds), description=description)
+               seeds=tuple(seeds), description=description,
+               figures=tuple(figures))
 
   @classmethod
   def from_file(cls, path: str, **override) -> "Spec":
     """A study file (TOML): `seeds`, `[fixed]`, `[grid]` (lists of values),
-    `[[cases]]` (each with a `name`), `description`. Keyword arguments
-    (`grid` text, `seeds`, `fixed`) override the file's."""
+    `[[cases]]` (each with a `name`), `description`, `figures` (summary
+    keys the tables show). Keyword arguments (`grid` text, `seeds`,
+    `fixed`, `figures`) override the file's."""
     try:
       with open(path, "rb") as f:
         data = tomllib.load(f)
@@ -234,14 +241,17 @@ class Spec:
     seeds = override.get("seeds") or data.get("seeds", "0")
     return cls.make(fixed=fixed, cases=data.get("cases", []), axes=axes,
                     seeds=parse_seeds(seeds),
-                    description=data.get("description", ""))
+                    description=data.get("description", ""),
+                    figures=override.get("figures") or data.get("figures",
+                                                                ()))
 
   @classmethod
-  def from_json(cls, spec: dict) -> "Spec":
+  def from_json(cls, spec: dict, figures=()) -> "Spec":
     """The spec a manifest records (`to_json`)."""
     return cls.make(fixed=spec["fixed"], cases=spec["cases"],
                     axes={k: tuple(v) for k, v in spec["axes"].items()},
-                    seeds=spec["seeds"], description=spec["description"])
+                    seeds=spec["seeds"], description=spec["description"],
+                    figures=figures)
 
   # -- cells ---------------------------------------------------------------
 
@@ -268,7 +278,8 @@ class Spec:
     return out
 
   def to_json(self) -> dict:
-    """The spec as the sweep's manifest records it."""
+    """The spec as the sweep's manifest records it: what makes its cells
+    (the tables' figures are not part of it)."""
     return {"fixed": dict(self.fixed),
             "cases": [{"name": n, **dict(c)} for n, c in self.cases],
             "axes": {f: list(v) for f, v in self.axes},

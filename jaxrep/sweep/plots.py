@@ -16,14 +16,14 @@ def _numeric(values) -> bool:
 
 
 def write_plots(rows: list[dict], axes: tuple[str, ...], out: str,
-                values: dict[str, tuple]) -> list[str]:
+                values: dict[str, tuple],
+                figures=table_lib.FIGURES) -> list[str]:
   """Writes by_<axis>.png for every axis with two or more values."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   paths = []
-  figures = table_lib.FIGURES
   for axis in axes:
     xs = values[axis]
     if len(xs) < 2:

@@ -119,11 +119,12 @@ def run_cells(cells: list[Cell], writer: store.CellWriter,
 def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
   """table.csv, table.md and by_<axis>.png from finished cells."""
   axes = spec.axis_names
-  rows = table_lib.aggregate(records, axes)
+  shown = table_lib.figures(spec.figures)
+  rows = table_lib.aggregate(records, axes, shown)
   paths = []
-  for name, text in (("table.csv", table_lib.to_csv(rows, axes)),
+  for name, text in (("table.csv", table_lib.to_csv(rows, axes, shown)),
                      ("table.md", table_lib.to_markdown(
-                         rows, axes, spec.description))):
+                         rows, axes, spec.description, shown))):
     path = os.path.join(out, name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -131,7 +132,7 @@ def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
     os.replace(tmp, path)
     paths.append(path)
   if rows:
-    paths += plots_lib.write_plots(rows, axes, out, dict(spec.axes))
+    paths += plots_lib.write_plots(rows, axes, out, dict(spec.axes), shown)
   return paths
 
 
@@ -155,7 +156,7 @@ def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
     compilation.enable_cache(compilation_cache or
                              os.path.join(out, "xla_cache"))
   try:
-    store.claim_manifest(out, spec.to_json())
+    store.claim_manifest(out, spec.to_json(), spec.figures)
     cells = spec.cells()
     if shard is not None:
       cells = [c for c in cells if c.index % shard[1] == shard[0]]
@@ -179,7 +180,7 @@ def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
 def merge(out: str, log=print) -> list[str]:
   """The tables of every cell in `out` and its shards (a note says how many
   cells have not finished)."""
-  spec = Spec.from_json(store.read_manifest(out))
+  spec = Spec.from_json(*store.read_manifest(out))
   records = list(store.all_cells(out).values())
   total = len(spec.cells())
   if len(records) < total:

@@ -43,8 +43,9 @@ def shard_dir(out: str, shard: tuple[int, int] | None) -> str:
   return os.path.join(out, f"shard-{shard[0]}-of-{shard[1]}")
 
 
-def claim_manifest(out: str, spec_json: dict) -> None:
-  """Writes the manifest, or checks that the one in `out` is this spec."""
+def claim_manifest(out: str, spec_json: dict, figures=()) -> None:
+  """Writes the manifest, or checks that the one in `out` is this spec
+  (the tables' `figures` are recorded for --merge, not compared)."""
   path = os.path.join(out, MANIFEST)
   if os.path.exists(path):
     try:
@@ -60,17 +61,21 @@ def claim_manifest(out: str, spec_json: dict) -> None:
           f"out: {out} holds a different sweep (its {', '.join(diff)} "
           "differ); rerun that sweep's command to finish it, or choose "
           "another --out")
-    return
+    if list(held.get("figures", [])) == list(figures):
+      return
   os.makedirs(out, exist_ok=True)
-  results_lib.write_json_atomic(path, {"spec": spec_json})
+  results_lib.write_json_atomic(path, {"spec": spec_json,
+                                       "figures": list(figures)})
 
 
-def read_manifest(out: str) -> dict:
+def read_manifest(out: str) -> tuple[dict, tuple]:
+  """(spec, figures) of the sweep in `out`."""
   path = os.path.join(out, MANIFEST)
   if not os.path.exists(path):
     raise ConfigError(f"out: {out} holds no sweep ({MANIFEST} is missing)")
   with open(path) as f:
-    return json.load(f)["spec"]
+    held = json.load(f)
+  return held["spec"], tuple(held.get("figures", ()))
 
 
 def read_cells(path: str) -> dict[str, dict]:

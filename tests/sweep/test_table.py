@@ -42,3 +42,16 @@ def test_aggregate_groups_by_point_in_cell_order():
   assert csv[2].startswith("4,2,0.75,")
   md = table_lib.to_markdown(rows, ("malicious",), "title")
   assert "| 4 | 2 | 75.0 ± " in md and md.startswith("title")
+
+
+def test_chosen_figures_and_unknown_ones():
+  shown = table_lib.figures(["tpr", "rollbacks"])
+  rows = table_lib.aggregate([_record(0, 0, 2, 1.0, 1.0)], ("malicious",),
+                             shown)
+  assert set(rows[0]["figures"]) == {"tpr", "rollbacks"}
+  assert table_lib.to_csv(rows, ("malicious",), shown).splitlines()[0] == (
+      "malicious,seeds,tpr_mean,tpr_ci_low,tpr_ci_high,rollbacks_mean,"
+      "rollbacks_ci_low,rollbacks_ci_high")
+  from jaxrep.core.errors import ConfigError
+  with pytest.raises(ConfigError, match="figures: unknown figure 'acc'"):
+    table_lib.figures(["acc"])
