@@ -117,3 +117,14 @@ def test_bad_study_files(tmp_path, text, message):
 def test_missing_study_file():
   with pytest.raises(ConfigError, match="config: cannot read"):
     Spec.from_file("/nonexistent/study.toml")
+
+
+def test_every_study_file_is_a_valid_sweep(repo_root):
+  from jaxrep import protocol
+  studies = sorted((repo_root / "experiments" / "studies").glob("*.toml"))
+  assert studies
+  for path in studies:
+    spec = Spec.from_file(str(path))
+    assert len(spec.seeds) >= 10, path.name
+    for cell in spec.cells()[::len(spec.seeds)]:
+      protocol.validate(cell.config())
