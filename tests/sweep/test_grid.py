@@ -1,5 +1,7 @@
 """Sweep specs: grid and seed parsing, study files, cells."""
 
+import pathlib
+
 import pytest
 
 from jaxrep.core.errors import ConfigError
@@ -121,7 +123,7 @@ def test_missing_study_file():
 
 def test_every_study_file_is_a_valid_sweep(repo_root):
   from jaxrep import protocol
-  studies = sorted((repo_root / "experiments" / "studies").glob("*.toml"))
+  studies = sorted(pathlib.Path(repo_root, "experiments", "studies").glob("*.toml"))
   assert studies
   for path in studies:
     spec = Spec.from_file(str(path))
