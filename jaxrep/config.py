@@ -110,16 +110,30 @@ class DivergenceConfig:
   grad_noise: float = field(0.0, "benign divergence: relative gradient noise "
                             "scale", check=V.real(0.0, 1.0, high_open=True))
   bf16_fraction: float = field(0.0, "benign divergence: share of providers "
-                               "in bfloat16", check=V.real(0.0, 1.0))
+                               "in bfloat16 (shorthand for "
+                               "--stacks=bf16:f,fp32:1-f)",
+                               check=V.real(0.0, 1.0))
+  stacks: str = field(
+      "", "benign divergence: hardware profiles as shares of providers, e.g. "
+      "fp32:0.5,tf32:0.25,bf16:0.25 (fp32: float32, tf32: matmul operands "
+      "with 10 mantissa bits, bf16: 7); '': all fp32 (or --bf16_fraction)",
+      check=V.text("profile:share pairs, e.g. fp32:0.5,tf32:0.25,bf16:0.25"))
 
   def validate(self) -> "DivergenceConfig":
+    """Field checks and the bf16_fraction / stacks conflict; the profile
+    names and shares are checked by `jaxrep.population.divergence`."""
     _check_section(self, prefix="divergence.")
+    require(not (self.stacks.strip() and self.bf16_fraction != 0.0),
+            "stacks", "give either --stacks or --bf16_fraction (its "
+            f"shorthand), not both (got stacks={self.stacks!r}, "
+            f"bf16_fraction={self.bf16_fraction})")
     return self
 
   @property
   def is_zero(self) -> bool:
+    """No divergence configured (any --stacks text counts as some)."""
     return (not self.permute and self.grad_noise == 0.0
-            and self.bf16_fraction == 0.0)
+            and self.bf16_fraction == 0.0 and not self.stacks.strip())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Modules, each importing only those above it:
 
-  layers    matmul / convolution at explicit precision with bf16 operand
-            rounding per provider; convolution as patches x weights
+  layers    matmul / convolution at explicit precision with per-provider
+            operand rounding (float32, TF32, bf16 mantissa bits); convolution as patches x weights
   image     MLP, CNN, ResNet20
   text      TextCNN, TextTransformer
   registry  `Model` (pure init / apply / predict), `get_model`, the names

@@ -58,10 +58,10 @@ class Model:
   def is_text(self) -> bool:
     return self.name in TEXT_MODELS
 
-  def module(self, bf16=None) -> nn.Module:
-    """The flax module; `bf16` is the operand-rounding flag of
-    `jaxrep.models.layers`."""
-    kwargs = {"num_classes": self.num_classes, "bf16": bf16}
+  def module(self, precision=None) -> nn.Module:
+    """The flax module; `precision` is the operand precision (mantissa bits,
+    per provider) of `jaxrep.models.layers`."""
+    kwargs = {"num_classes": self.num_classes, "precision": precision}
     if self.is_text:
       kwargs["vocab_size"] = self.vocab_size
     if self.name == "text_transformer":
@@ -77,10 +77,11 @@ class Model:
     model_state = {k: v for k, v in variables.items() if k != "params"}
     return params, model_state
 
-  def apply(self, params, model_state, x, *, train=False, bf16=None):
+  def apply(self, params, model_state, x, *, train=False,
+            precision=None):
     """Returns ((logits, features), new_model_state) for one provider."""
     variables = {"params": params, **model_state}
-    module = self.module(bf16)
+    module = self.module(precision)
     if train and model_state:
       out, updates = module.apply(variables, x, train=True,
                                   mutable=list(model_state))

@@ -1,7 +1,7 @@
 """Text classifiers over int32 token ids [B, L], right-padded with `PAD`.
 
 Each maps a batch to `(logits [B, classes], features [B, d])`, takes the
-per-provider `bf16` flag of `jaxrep.models.layers`, and gives the same result
+per-provider operand `precision` of `jaxrep.models.layers`, and gives the same result
 whatever padding follows a text.
 """
 
@@ -38,7 +38,7 @@ class _TextClassifier(nn.Module):
   num_classes: int
   vocab_size: int
   embed_dim: int = 64
-  bf16: Any = None
+  precision: Any = None
 
   def encode(self, x, mask):
     """Features [B, d] of embedded tokens x [B, L, embed_dim], mask [B, L]."""
@@ -50,7 +50,7 @@ class _TextClassifier(nn.Module):
     mask = tokens != PAD
     emb = nn.Embed(self.vocab_size, self.embed_dim, name="embed")(tokens)
     features = self.encode(emb * mask[..., None].astype(emb.dtype), mask)
-    logits = dense(self.num_classes, self.bf16, "head")(features)
+    logits = dense(self.num_classes, self.precision, "head")(features)
     return logits, features
 
 
@@ -74,7 +74,7 @@ class TextCNN(_TextClassifier):
   def encode(self, x, mask):
     pooled = []
     for w in self.widths:
-      h = nn.relu(dense(self.filters, self.bf16, f"conv{w}")(_windows(x, w)))
+      h = nn.relu(dense(self.filters, self.precision, f"conv{w}")(_windows(x, w)))
       # After the ReLU every value is >= 0, so zeroing the windows that start
       # in the padding leaves the max over the real ones unchanged (and gives
       # 0, not -inf, for an empty text).
@@ -87,25 +87,25 @@ class _EncoderBlock(nn.Module):
   dim: int
   heads: int
   mlp_dim: int
-  bf16: Any = None
+  precision: Any = None
 
   @nn.compact
   def __call__(self, x, mask):
     b, l, d = x.shape
     dh = d // self.heads
     h = nn.LayerNorm(name="ln_attn")(x)
-    qkv = dense(3 * d, self.bf16, "qkv")(h).reshape(b, l, 3, self.heads, dh)
+    qkv = dense(3 * d, self.precision, "qkv")(h).reshape(b, l, 3, self.heads, dh)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    scores = einsum(self.bf16, "bqhd,bkhd->bhqk", q, k) / jnp.sqrt(
+    scores = einsum(self.precision, "bqhd,bkhd->bhqk", q, k) / jnp.sqrt(
         jnp.float32(dh))
     # Finite, not -inf: an all-padding text then attends uniformly, not NaN.
     scores = jnp.where(mask[:, None, None, :], scores, -1e9)
     attn = jax.nn.softmax(scores, axis=-1)
-    out = einsum(self.bf16, "bhqk,bkhd->bqhd", attn, v).reshape(b, l, d)
-    x = x + dense(d, self.bf16, "attn_out")(out)
+    out = einsum(self.precision, "bhqk,bkhd->bqhd", attn, v).reshape(b, l, d)
+    x = x + dense(d, self.precision, "attn_out")(out)
     h = nn.LayerNorm(name="ln_mlp")(x)
-    h = dense(self.mlp_dim, self.bf16, "mlp_in")(h)
-    return x + dense(d, self.bf16, "mlp_out")(nn.gelu(h))
+    h = dense(self.mlp_dim, self.precision, "mlp_in")(h)
+    return x + dense(d, self.precision, "mlp_out")(nn.gelu(h))
 
 
 class TextTransformer(_TextClassifier):
@@ -125,7 +125,7 @@ class TextTransformer(_TextClassifier):
                      (self.max_len, self.embed_dim))
     x = x + pos[:x.shape[1]]
     for i in range(self.depth):
-      x = _EncoderBlock(self.embed_dim, self.heads, self.mlp_dim, self.bf16,
+      x = _EncoderBlock(self.embed_dim, self.heads, self.mlp_dim, self.precision,
                         name=f"block{i}")(x, mask)
     x = nn.LayerNorm(name="ln_final")(x)
     m = mask[..., None].astype(x.dtype)

@@ -12,6 +12,7 @@ from jaxrep.config import SimConfig
 from jaxrep.core import trees
 from jaxrep.detect import metrics as metrics_lib
 from jaxrep.population import build as population_lib
+from jaxrep.population import divergence as div_lib
 from jaxrep.protocol import hostile as hostile_lib
 from jaxrep.protocol.simulation import Simulation
 from jaxrep.protocol.state import ModelCheckpoint, ProtocolState
@@ -45,6 +46,7 @@ class SimResult:
   trajectory: list = dataclasses.field(default_factory=list)
   replication_steps: int = 0
   reexecution_steps: int = 0
+  stacks: list = dataclasses.field(default_factory=list)  # profile per provider
 
   @property
   def hostile(self) -> dict[int, str]:
@@ -87,6 +89,7 @@ class SimResult:
         "id": i,
         "malicious": bool(self.malicious[i]),
         "attack": self.attack_names[i],
+        "stack": self.stacks[i] if self.stacks else None,
         "hostile": self.hostile.get(i),
         "flagged": bool(self.flags[i]),
         "flagged_at_subrun": (int(self.flagged_at[i])
@@ -175,4 +178,6 @@ def evaluate(sim: Simulation, state: ProtocolState, last_returned,
       memory=memory_report(sim.memory), ledger=list(state.progress.ledger),
       trajectory=list(state.progress.trajectory),
       replication_steps=state.progress.replication_steps,
-      reexecution_steps=state.progress.reexecution_steps)
+      reexecution_steps=state.progress.reexecution_steps,
+      stacks=div_lib.provider_stacks(sim.config.divergence, sim.n,
+                                     sim.config.seed))

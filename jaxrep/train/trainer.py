@@ -147,7 +147,7 @@ def make_trainer(model: Model, config: TrainConfig,
   tx = make_optimizer(config)
   use_permute = bool(divergence.permute)
   use_noise = divergence.grad_noise > 0
-  use_bf16 = divergence.bf16_fraction > 0
+  use_rounding = div_lib.needs_rounding(divergence)
 
   def replicate(params, model_state, n: int, opt_state=None) -> Population:
     """n copies of one checkpoint (the client hands the same one to all)."""
@@ -162,9 +162,10 @@ def make_trainer(model: Model, config: TrainConfig,
     params, model_state = model.init(key)
     return replicate(params, model_state, n)
 
-  def loss_fn(params, model_state, x, y, bf16):
-    (logits, _), new_state = model.apply(params, model_state, x, train=True,
-                                         bf16=bf16 if use_bf16 else None)
+  def loss_fn(params, model_state, x, y, bits):
+    (logits, _), new_state = model.apply(
+        params, model_state, x, train=True,
+        precision=bits if use_rounding else None)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, new_state
 
@@ -180,7 +181,7 @@ def make_trainer(model: Model, config: TrainConfig,
     if use_permute:
       x, y = div_lib.permute_batch(k_perm, div.permute, x, y)
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, model_state, x, y, div.bf16)
+        params, model_state, x, y, div.mantissa_bits)
     if use_noise:
       grads = div_lib.perturb_grads(k_noise, div.grad_noise, grads)
     updates, opt_state = tx.update(grads, opt_state, params)

@@ -74,8 +74,8 @@ def test_bf16_flag_changes_outputs_slightly(cls):
   x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 1))
   variables = cls(num_classes=5).init(jax.random.key(0), x)
   default = cls(num_classes=5).apply(variables, x)[0]
-  full = cls(num_classes=5, bf16=jnp.bool_(False)).apply(variables, x)[0]
-  half = cls(num_classes=5, bf16=jnp.bool_(True)).apply(variables, x)[0]
+  full = cls(num_classes=5, precision=jnp.bool_(False)).apply(variables, x)[0]
+  half = cls(num_classes=5, precision=jnp.bool_(True)).apply(variables, x)[0]
   np.testing.assert_array_equal(full, default)
   diff = float(jnp.max(jnp.abs(full - half)))
   assert 0 < diff < 0.05 * float(jnp.max(jnp.abs(full)))

@@ -86,3 +86,78 @@ def test_conv_module_is_patch_conv_with_rounding():
       layers.round_bf16(x, True), layers.round_bf16(kernel, True), (1, 1),
       "SAME")
   np.testing.assert_array_equal(module.apply(params, x), want)
+
+
+def _bit_patterns(count=200_000):
+  """float32 values from random bit patterns (every exponent, subnormals,
+  infinities and NaNs) plus the edge cases of rounding."""
+  u = np.random.default_rng(0).integers(0, 2**32, count, dtype=np.uint64)
+  edges = [0, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0x00000001,
+           0x007FFFFF, 0x00008000, 0x00018000, 0x3F808000, 0x3F818000,
+           0x3F801000, 0x3F803000]
+  u = np.concatenate([u.astype(np.uint32), np.array(edges, np.uint32)])
+  return u.view(np.float32)
+
+
+def test_round_mantissa_is_bitwise_the_cast_for_bf16_and_fp16():
+  x = _bit_patterns()
+  finite = ~np.isnan(x)
+  bits = lambda a: np.asarray(a).view(np.uint32)
+  rnd = jax.jit(layers.round_mantissa)
+  bf16 = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_array_equal(bits(rnd(x, 7))[finite], bits(bf16)[finite])
+  assert np.isnan(np.asarray(rnd(x, 7))[~finite]).all()
+  np.testing.assert_array_equal(bits(rnd(x, 23)), bits(x))   # no-op
+  # 10 bits: float16's mantissa; equal to the float16 cast where float16's
+  # exponent reaches (TF32 has float32's exponent, so no range limit).
+  f16 = np.asarray(jnp.asarray(x).astype(jnp.float16).astype(jnp.float32))
+  normal = finite & (np.abs(x) >= 2.0**-14) & (np.abs(x) <= 65504)
+  np.testing.assert_array_equal(bits(rnd(x, 10))[normal], bits(f16)[normal])
+  big = np.float32(1e30)
+  assert float(rnd(big, 10)) != float(big) and np.isfinite(rnd(big, 10))
+
+
+def test_round_mantissa_ties_to_even():
+  one = 1.0
+  ulp10 = 2.0**-10
+  x = jnp.array([one + ulp10 / 2, one + 3 * ulp10 / 2, one + ulp10 / 2 + 2**-20,
+                 -(one + ulp10 / 2)], jnp.float32)
+  np.testing.assert_array_equal(
+      layers.round_mantissa(x, 10),
+      np.array([one, one + 2 * ulp10, one + ulp10, -one], np.float32))
+
+
+def test_round_mantissa_traced_bits_and_bool_flag():
+  x = _normal(8, (64,))
+  both = jax.vmap(lambda b: layers.round_mantissa(x, b))(
+      jnp.array([23, 10, 7], jnp.int32))
+  np.testing.assert_array_equal(both[0], x)
+  np.testing.assert_array_equal(both[2], layers.round_bf16(x, True))
+  err10 = float(jnp.max(jnp.abs(both[1] - x) / jnp.abs(x)))
+  assert 0 < err10 <= 2.0**-11 and err10 < float(
+      jnp.max(jnp.abs(both[2] - x) / jnp.abs(x)))
+  np.testing.assert_array_equal(layers.round_mantissa(x, jnp.bool_(True)),
+                                layers.round_bf16(x, True))
+  np.testing.assert_array_equal(layers.round_mantissa(x, jnp.bool_(False)), x)
+  assert layers.round_mantissa(x, None) is x
+
+
+def test_round_mantissa_gradient_rounds_the_cotangent_like_the_cast():
+  x = _normal(9, (32,))
+  ct = _normal(10, (32,))
+  for b in (23, 10, 7):
+    _, vjp = jax.vjp(lambda v: layers.round_mantissa(v, jnp.int32(b)), x)
+    np.testing.assert_array_equal(vjp(ct)[0], layers.round_mantissa(ct, b))
+  _, cast_vjp = jax.vjp(lambda v: layers.round_bf16(v, True), x)
+  _, ours = jax.vjp(lambda v: layers.round_mantissa(v, 7), x)
+  np.testing.assert_array_equal(ours(ct)[0], cast_vjp(ct)[0])
+
+
+def test_dot_general_at_tf32_lies_between_float32_and_bf16():
+  a, b = _normal(11, (16, 64)), _normal(12, (64, 8))
+  dims = (((1,), (0,)), ((), ()))
+  exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+  err = {bits: float(np.max(np.abs(
+      np.asarray(layers.dot_general(jnp.int32(bits))(a, b, dims)) - exact)))
+         for bits in (23, 10, 7)}
+  assert err[23] < err[10] < err[7]

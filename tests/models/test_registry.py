@@ -53,10 +53,10 @@ def test_apply_with_a_traced_bf16_flag_under_vmap():
   params, state = model.init(jax.random.key(0))
   x = jax.random.uniform(jax.random.key(1), (3, 4, 4, 1))
   stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), params)
-  run = jax.vmap(lambda p, f: model.apply(p, state, x, bf16=f)[0][0])
+  run = jax.vmap(lambda p, f: model.apply(p, state, x, precision=f)[0][0])
   both = run(stacked, jnp.array([False, True]))
   np.testing.assert_array_equal(both[0], model.predict(params, state, x)[0])
-  half = model.apply(params, state, x, bf16=jnp.bool_(True))[0][0]
+  half = model.apply(params, state, x, precision=jnp.bool_(True))[0][0]
   np.testing.assert_allclose(both[1], half, rtol=1e-6, atol=1e-7)
   assert not np.array_equal(both[0], both[1])
 
