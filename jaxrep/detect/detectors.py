@@ -24,11 +24,15 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
   (med_i - median(med)) / (1.4826 * MAD(med)); flagged above the standard
   normal quantile 1 - alpha. Score: z (pooled: mean of per-sub-run medians).
 * krum (Blanchard et al. 2017): score = sum of the squared distances to the
-  n - f - 2 nearest others; flags the f highest scores.
+  n - f - 2 nearest others; flags the f highest scores. f is fixed for the
+  run (`krum_f`, default the largest Krum tolerates for the providers of the
+  first look) and bounds the flags of the whole run: a later look flags only
+  f minus the providers already excluded, so the sequential protocol does
+  not discard f more providers at every look.
 * multikrum: iteratively selects the n - f providers with the lowest Krum
   scores, recomputed among the remaining ones with k = n - f - 2 neighbours
   (capped by how many remain; ties broken by the score in the whole set);
-  flags the rest. Score: the
+  flags the rest (at most f over the run, as krum). Score: the
   round at which a provider would be selected (later = more suspicious).
 * cluster (for colluders): on the mean distance matrix over the sub-runs,
   the benign scale s is the 25th percentile of the participants'
@@ -208,23 +212,33 @@ def _pooled_matrix(evidence: Evidence, n: int) -> tuple[np.ndarray, np.ndarray]:
   return acc / np.maximum(cnt, 1), idx
 
 
+def _run_f(evidence: Evidence, n: int, f: int | None) -> tuple[int, int]:
+  """(f of the run, flags still allowed at this look): f is fixed at the
+  first look; the providers excluded since count against it."""
+  first = int(evidence.members[0].sum()) if evidence.members else 0
+  now = int(_last_members(evidence, n).sum())
+  f = default_krum_f(first) if f is None else f
+  return f, max(0, f - (first - now))
+
+
 def krum_detector(evidence: Evidence, n: int, f: int | None) -> Verdict:
   d, idx = _pooled_matrix(evidence, n)
-  f = default_krum_f(idx.size) if f is None else f
+  f, budget = _run_f(evidence, n, f)
   scores = np.zeros(n)
   flags = np.zeros(n, bool)
   if idx.size:
     s = krum_scores(d, f)
     scores[idx] = s
-    if f > 0:
-      flags[idx[np.argsort(-s, kind="stable")[:f]]] = True
+    if budget > 0:
+      flags[idx[np.argsort(-s, kind="stable")[:budget]]] = True
   return Verdict(scores=scores, flags=flags)
 
 
 def multikrum_detector(evidence: Evidence, n: int, f: int | None) -> Verdict:
   d, idx = _pooled_matrix(evidence, n)
   m = idx.size
-  f = default_krum_f(m) if f is None else f
+  f, budget = _run_f(evidence, n, f)
+  f = min(f, max(m - 3, 0))
   order = np.full(m, m, float)
   remaining = list(range(m))
   k = max(1, m - f - 2)
@@ -241,7 +255,7 @@ def multikrum_detector(evidence: Evidence, n: int, f: int | None) -> Verdict:
   scores = np.zeros(n)
   flags = np.zeros(n, bool)
   scores[idx] = order
-  flags[idx] = order >= m - f
+  flags[idx] = order >= m - budget
   return Verdict(scores=scores, flags=flags)
 
 

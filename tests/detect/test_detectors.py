@@ -112,6 +112,18 @@ def test_multikrum_and_krum_flag_f_outliers():
     np.testing.assert_array_equal(np.flatnonzero(v.flags), [0, 1, 2])
 
 
+@pytest.mark.parametrize("name", ["krum", "multikrum"])
+def test_krum_flags_at_most_f_over_a_sequential_run(name):
+  from jaxrep import protocol
+  rng = np.random.default_rng(7)
+  mats = [_rttd_matrix(12, 3, rng)[0] for _ in range(4)]
+  flags, at, _ = protocol.replay(mats, 12, name, krum_f=3)
+  assert flags.sum() == 3 and set(np.flatnonzero(flags)) == {0, 1, 2}
+  assert set(at[flags]) == {0}
+  flags, _, _ = protocol.replay(mats, 12, name)   # default f = (12 - 3) // 2
+  assert flags.sum() == 4
+
+
 def test_zscore_and_median_flag_a_single_outlier():
   rng = np.random.default_rng(6)
   d, x = _rttd_matrix(16, 1, rng, benign_scale=0.01)
