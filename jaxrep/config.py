@@ -77,8 +77,12 @@ class AttackConfig:
                     check=V.text("an attack name"))
   malicious: int = field(8, "how many of them plant a backdoor",
                          check=V.integer(0))
-  poison_rate: float = field(0.1, "share of each batch a malicious provider "
-                             "poisons", check=V.real(0.0, 1.0))
+  poison_rate: float = field(
+      -1.0, "share of each batch a malicious provider poisons (label_flip: "
+      "share of the batch's source-class examples it relabels); -1: the "
+      "attack's own default (0.1; label_flip 1.0)",
+      check=lambda v: None if (V.is_real(v) and (v == -1 or 0 <= v <= 1))
+      else f"must be -1 (the attack's default) or in [0, 1], got {v!r}")
   target_label: int = field(-1, "backdoor target; -1: each malicious "
                             "provider its own", check=V.integer(-1))
   options: tuple = field((), "attack-specific knobs", flag=None)
@@ -179,8 +183,9 @@ class DetectorConfig:
                            "see jaxrep/detect)", check=V.real(1.0, 1e12))
   krum_f: int = field(-1, "f assumed by krum/multikrum; -1: (n - 3) // 2",
                       check=V.integer(-1))
-  probe_size: int = field(256, "test examples used as the probe set of "
-                          "output/cka/zest", check=V.integer(1))
+  probe_size: int = field(256, "probe set of output/cka/zest: the last "
+                          "N training examples, held out of every batch",
+                          check=V.integer(1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,9 +69,11 @@ def calibrate(config, dataset: data_lib.Dataset, *, subrun: int = 0,
   root = rng_lib.root(config.seed)
   params, model_state = model.init(rng_lib.model_init(root))
   pop = trainer.replicate(params, model_state, n)
+  train_examples, _ = dataset.probe_split(config.detector.probe_size,
+                                         config.training.batch_size)
   schedule = jnp.asarray(schedule_lib.batch_schedule(
       config.seed, subrun, config.protocol.subrun_steps,
-      config.training.batch_size, dataset.x_train.shape[0]))
+      config.training.batch_size, train_examples))
   keys = rng_lib.provider_keys(rng_lib.subrun(root, subrun), n)
   div = div_lib.make_divergence(config.divergence, n, config.seed)
   benign = population_lib.family(dataset.modality).benign(
@@ -101,7 +103,8 @@ def population(config, dataset: data_lib.Dataset, attack: str,
                calibration: Calibration | None = None,
                placement: str = "random", poison_rate: float = 0.1,
                noise: float = 1.0) -> Setup:
-  """A population of config's n providers with adaptive attackers first.
+  """A population of config's n providers with adaptive attackers (which
+  providers attack is drawn from the seed, as in `make_behaviour`).
 
   Args:
     config: the `SimConfig` (providers, seed, the attack and its options).
@@ -135,7 +138,7 @@ def population(config, dataset: data_lib.Dataset, attack: str,
   base = population_lib.make_behaviour(
       config.replace(malicious=count, poison_rate=poison_rate), dataset)
   b = adaptive.wrap(base)
-  who = list(range(count))
+  who = [int(i) for i in np.flatnonzero(base.malicious)]
   for_subrun = None
   if attack == "collusion":
     b = adaptive.collude(b, who)

@@ -80,6 +80,8 @@ class SimResult:
         "rollbacks": sum(1 for p in self.trajectory if "rollback_to" in p),
         "training_steps": self.config.protocol.steps,
         "replicated_subruns": [int(s) for s in self.replicated_subruns],
+        "attacker_spread": [attacker_spread(d, mal, m) for d, m in
+                            zip(self.matrices, self.members)],
         "wall_seconds": self.wall_seconds,
     }
 
@@ -101,6 +103,23 @@ class SimResult:
         "clean_accuracy": float(self.clean_accuracy[i]),
         "attack_success_rate": float(self.attack_success_rate[i]),
     } for i in range(len(self.malicious))]
+
+
+def attacker_spread(matrix, malicious, members) -> float:
+  """How far apart the attackers are, in units of benign divergence: the
+  median distance over pairs of malicious members of a look divided by the
+  median over pairs of benign members (nan without two of each). About 1 or
+  less: the attackers are as close as honest replicas (they look like one
+  cluster); far above 1: they are independent of each other."""
+  d = np.asarray(matrix, np.float64)
+  upper = np.triu(np.ones(d.shape, bool), 1)
+  both = lambda who: upper & np.outer(who, who)
+  mal = np.asarray(malicious, bool) & np.asarray(members, bool)
+  ben = ~np.asarray(malicious, bool) & np.asarray(members, bool)
+  if mal.sum() < 2 or ben.sum() < 2:
+    return float("nan")
+  with np.errstate(divide="ignore", invalid="ignore"):   # benign at 0: inf
+    return float(np.median(d[both(mal)]) / np.median(d[both(ben)]))
 
 
 def _mean_or_nan(x) -> float:

@@ -99,7 +99,8 @@ class Simulation:
   divergence: div_lib.Divergence
   x_train: jax.Array
   y_train: jax.Array
-  probe_x: jax.Array
+  train_examples: int            # batches draw from x_train[:train_examples]
+  probe_x: jax.Array             # x_train[train_examples:], held out
   mesh: Any                      # jax.sharding.Mesh or None
   memory: memory_lib.Plan
   replicated: np.ndarray         # sorted indices of the replicated sub-runs
@@ -124,9 +125,10 @@ class Simulation:
     return self.behaviour_for_subrun(self.behaviour, s)
 
   def schedule(self, s: int) -> jax.Array:
+    """The batch schedule of sub-run s (never the held-out probe inputs)."""
     return jnp.asarray(schedule_lib.batch_schedule(
         self.config.seed, s, self.config.protocol.subrun_steps,
-        self.config.training.batch_size, self.dataset.x_train.shape[0]))
+        self.config.training.batch_size, self.train_examples))
 
   def keys(self, s: int) -> jax.Array:
     return rng.provider_keys(rng.subrun(self.root, s), self.n)
@@ -206,6 +208,10 @@ def setup(config: SimConfig, *, dataset: data_lib.Dataset | None = None,
   train_lib.check_population_args(n, config.protocol.subrun_steps,
                                   config.training.batch_size,
                                   ds.x_train.shape[0])
+  # The probe inputs of output/CKA/Zest: the last probe_size training
+  # examples, held out of every batch.
+  train_examples, probe_x = ds.probe_split(config.detector.probe_size,
+                                           config.training.batch_size)
   target = config.attack.target_label
   if target >= ds.num_classes:
     raise ConfigError(f"target_label: must be in [0, {ds.num_classes - 1}] "
@@ -234,7 +240,7 @@ def setup(config: SimConfig, *, dataset: data_lib.Dataset | None = None,
   return Simulation(
       config=config, dataset=ds, model=model, trainer=trainer,
       behaviour=behaviour, divergence=div, x_train=x_train, y_train=y_train,
-      probe_x=jnp.asarray(ds.x_test[:config.detector.probe_size]), mesh=mesh,
+      train_examples=train_examples, probe_x=jnp.asarray(probe_x), mesh=mesh,
       memory=memory_plan(config, trainer, behaviour, div, x_train, y_train,
                          mesh),
       replicated=replicated, root=rng.root(config.seed),

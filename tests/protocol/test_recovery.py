@@ -10,9 +10,10 @@ from jaxrep import protocol
 from jaxrep import report
 from jaxrep.config import SimConfig
 
-# Seed 15: attacker 0 computes the unchecked sub-runs 1 and 2; the attackers
-# are flagged at the second replicated sub-run (5), so the backdoor reaches
-# the client unless it rolls back (to before sub-run 1).
+# Seed 15: the attackers are providers 0 and 4; attacker 0 computes the
+# unchecked sub-runs 1 and 2; the attackers are flagged at the second
+# replicated sub-run (5), so the backdoor reaches the client unless it rolls
+# back (to before sub-run 1).
 SMALL = dict(providers=6, malicious=2, steps=120, subrun_steps=20,
              replicated=2, poison_rate=0.2, seed=15)
 
@@ -71,7 +72,7 @@ def test_trajectory_marks_flags_and_the_rollback(runs, tmp_path):
   assert len(t) == 6 + 5
   back = [p for p in t if "rollback_to" in p]
   assert len(back) == 1 and back[0]["rollback_to"] == 1
-  assert back[0]["flagged"] == [0, 1]
+  assert back[0]["flagged"] == [0, 4]     # seed 15's attackers
   assert [p["reexecution"] for p in t].count(True) == 5
   assert t[-1]["attack_success_rate"] == r.client["attack_success_rate"]
   paths = report.write_plots(r, str(tmp_path))
