@@ -4,3 +4,7 @@ the detection metrics (TPR, FPR, AUROC)."""
 from jaxrep.detect.detectors import (DETECTORS, Evidence, Verdict, detect,
                                      median_distances)
 from jaxrep.detect.metrics import auroc, fpr, roc_curve, tpr
+from jaxrep.detect.inspection import (Inspection, MaxMarginConfig,
+                                      NeuralCleanseConfig, StripConfig,
+                                      max_margin, neural_cleanse, strip,
+                                      strip_entropies, strip_separation)
