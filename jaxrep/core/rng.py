@@ -14,6 +14,9 @@ JAX keys (from `root(seed)` = `jax.random.key(seed)`):
   poison_pick     fold_in(key, 0x9C1)        which examples of a batch an
                                              attacker poisons (key: its own
                                              attack key at that step)
+  crew            fold_in(key(0xC0), digest)  colluders' shared attack key
+                                             at a step (digest: of the
+                                             batch they all receive)
   text_asr        fold_in(key(seed), start)  trigger positions when measuring
                                              a text ASR batch at `start`
 
@@ -54,6 +57,7 @@ SUBRUN = 1000
 DISTANCE = 2000
 RETURN_NOISE = 0xD15
 POISON_PICK = 0x9C1
+CREW = 0xC0
 
 
 def root(seed: int) -> jax.Array:
@@ -87,6 +91,10 @@ def poison_pick(key: jax.Array) -> jax.Array:
   """Key of an attacker's choice of poisoned examples, from the attack key
   of ONE provider at one step (so every attacker chooses independently)."""
   return jax.random.fold_in(key, POISON_PICK)
+
+
+def crew(digest: jax.Array) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(CREW), digest)
 
 
 def text_asr(seed: int, start: int) -> jax.Array:

@@ -48,7 +48,11 @@ Design decisions:
   replicated. In skipped sub-runs they are benign (poison rate 0, no update
   scaling, no twin shaping) with the same shapes, so nothing recompiles.
 * colluders carry one behaviour (trigger, target, poison rate ...) copied
-  from the first colluder; they differ only by their benign divergence.
+  from the first colluder, and agree on which examples of a batch to poison
+  (and, for text, where to insert the trigger): their attack key at a step
+  is one derived from the batch they all receive (`crew_key`), where every
+  other attacker uses its own. So they differ only by their benign
+  divergence; independent attackers differ by their poisoned examples too.
 """
 
 from __future__ import annotations
@@ -248,6 +252,18 @@ def shape_return(b: Adaptive, key, start, end, clean_end):
       lambda s, e: jnp.where(b.mode == MODE["none"], e, s), shaped, end)
 
 
+def crew_key(x, y) -> jax.Array:
+  """The attack key colluders share at a step: a function of the batch they
+  all receive (before any provider's poisoning or permutation), so it is
+  the same for all of them and new at every step."""
+  flat = jnp.concatenate([x.reshape(-1).astype(jnp.float32),
+                          y.reshape(-1).astype(jnp.float32)])
+  weights = (jnp.arange(flat.shape[0], dtype=jnp.uint32) % 65521 + 1
+             ).astype(jnp.float32)
+  digest = jax.lax.bitcast_convert_type(jnp.sum(flat * weights), jnp.uint32)
+  return rng_lib.crew(digest)
+
+
 def make_hooks(behaviour: Adaptive) -> Hooks:
   """Trainer hooks for an `Adaptive` population.
 
@@ -258,8 +274,15 @@ def make_hooks(behaviour: Adaptive) -> Hooks:
   base = behaviour.base
   plain = base.family.make_hooks(base)
   twins = int(np.sum(np.asarray(behaviour.mode) != MODE["none"]))
+
+  def poison_batch(b, key, x, y):
+    key = jax.random.wrap_key_data(jnp.where(
+        b.tag == TAG["collusion"], jax.random.key_data(crew_key(x, y)),
+        jax.random.key_data(key)))
+    return plain.poison_batch(b.base, key, x, y)
+
   return Hooks(
-      poison_batch=lambda b, k, x, y: plain.poison_batch(b.base, k, x, y),
+      poison_batch=poison_batch,
       finalize=lambda b, s, e: plain.finalize(b.base, s, e),
       twin_size=twins,
       needs_twin=lambda b: b.mode != MODE["none"],

@@ -160,6 +160,26 @@ def test_colluders_share_one_trigger(digits):
   assert b.names()[:4] == ["collusion"] * 3 + ["badnets"]
 
 
+def test_colluders_poison_the_same_examples(digits):
+  """Colluders agree on the poisoned examples at every step (a key of the
+  batch); an attacker with the very same behaviour but not colluding draws
+  its own, as does every plain attacker."""
+  b = adaptive.collude(_base(digits, 4), [0, 1, 2])
+  hooks = adaptive.make_hooks(b)
+  one = lambda i: jax.tree_util.tree_map(lambda a: a[i], b)
+  twin = one(0)._replace(tag=jnp.int32(0))        # provider 0, not colluding
+  keys = train.provider_keys(jax.random.key(3), N)
+  for start in (0, 32):
+    x = jnp.asarray(digits.x_train[start:start + 32])
+    y = jnp.asarray(digits.y_train[start:start + 32])
+    picks = [hooks.poison_batch(one(i), keys[i], x, y)[1] for i in range(3)]
+    np.testing.assert_array_equal(picks[1], picks[0])
+    np.testing.assert_array_equal(picks[2], picks[0])
+    alone = hooks.poison_batch(twin, keys[0], x, y)[1]
+    assert np.any(np.asarray(alone) != np.asarray(picks[0]))
+  assert not np.array_equal(picks[0], y)           # they do poison
+
+
 def test_adaptive_validation(digits):
   b = _base(digits, 1)
   with pytest.raises(ConfigError, match="ratio"):

@@ -21,7 +21,9 @@ def test_protocol_run_with_adaptive_providers(digits):
   cal = calibration.calibrate(cfg, digits)
   assert 0 < cal.ratio < 1e-4
   b = adaptive.wrap(IMAGE.make_behaviour(
-      IMAGE.population_specs(6, 2, "badnets", num_classes=10),
+      # The attackers first (placement is not what this test is about).
+      sorted(IMAGE.population_specs(6, 2, "badnets", num_classes=10),
+             key=lambda s: s is None),
       digits.input_shape, 10))
   b = adaptive.adapt(b, [0], "constrained", 1.0, ratio=cal.ratio)
   r = protocol.run(cfg, progress=False, dataset=digits, behaviour=b,
@@ -57,10 +59,13 @@ def test_populations_of_adaptive_attackers(digits, texts, modality, attack,
       calibration=calibration.Calibration(1.0, 1.0, 1e-3))
   b = setup.behaviour
   assert setup.malicious == count
-  assert b.names() == names + [None] * (6 - count)
+  mal = b.malicious
+  assert mal.sum() == count
+  assert [b.names()[i] for i in np.flatnonzero(mal)] == names
+  assert all(b.names()[i] is None for i in np.flatnonzero(~mal))
   assert b.base.family is (IMAGE if modality == "image" else TEXT)
   assert setup.hooks.twin_size == (count if attack in ("constrained",
                                                        "mimicry") else 0)
   assert (setup.behaviour_for_subrun is None) == (attack != "sporadic")
-  rates = np.asarray(b.base.poison_rate)[:count]
+  rates = np.asarray(b.base.poison_rate)[mal]
   np.testing.assert_allclose(rates, strength if attack == "low_rate" else 0.1)
