@@ -85,6 +85,18 @@ class AttackConfig:
       else f"must be -1 (the attack's default) or in [0, 1], got {v!r}")
   target_label: int = field(-1, "backdoor target; -1: each malicious "
                             "provider its own", check=V.integer(-1))
+  adaptive: str = field(
+      "none", "the malicious providers adapt to the defense: none, low_rate "
+      "(poison rate = strength), sporadic (poison a share = strength of "
+      "their sub-runs), constrained (backdoor deviation clipped to strength "
+      "x the benign distance), mimicry (keep a share = strength of the "
+      "deviation, plus benign-sized noise) or collusion (all malicious "
+      "providers share one backdoor)", check=V.text("an adaptive attack"))
+  adaptive_strength: float = field(
+      -1.0, "the adaptive attack's knob; -1: its default (low_rate 1/32, "
+      "sporadic 0.25, constrained 10, mimicry 0.01)",
+      check=lambda v: None if (V.is_real(v) and (v == -1 or v > 0))
+      else f"must be -1 (the default) or > 0, got {v!r}")
   options: tuple = field((), "attack-specific knobs", flag=None)
 
   def option(self, name: str, default: Any = None) -> Any:

@@ -117,7 +117,8 @@ def population(config, dataset: data_lib.Dataset, attack: str,
       target and trigger), except colluders, who share one.
     calibration: needed by constrained and mimicry (default: `calibrate`).
     placement: sporadic: "random" or "last" sub-runs.
-    poison_rate: base poison rate (low_rate overrides it).
+    poison_rate: base poison rate (low_rate overrides it; -1: the attack's
+      default).
     noise: mimicry noise norm in benign distances.
 
   Returns:
@@ -153,3 +154,27 @@ def population(config, dataset: data_lib.Dataset, attack: str,
                                   placement=placement)
       for_subrun = adaptive.subrun_behaviour(plan)
   return Setup(b, adaptive.make_hooks(b), for_subrun, count)
+
+
+# The adaptive attacks' knob when the config leaves it at -1.
+DEFAULT_STRENGTH = {"low_rate": 1 / 32, "sporadic": 0.25, "constrained": 10.0,
+                    "mimicry": 0.01}
+
+
+def from_config(config, dataset: data_lib.Dataset) -> Setup | None:
+  """The adaptive population the config's attack section asks for
+  (`adaptive`, `adaptive_strength`), or None for plain attackers. The
+  malicious providers are config's; colluders are all of them."""
+  a = config.attack
+  if a.adaptive == "none":
+    return None
+  strength = a.adaptive_strength
+  if a.adaptive == "collusion":
+    n = config.protocol.providers
+    require(a.malicious >= 1, "malicious", "collusion needs at least one "
+            "malicious provider")
+    strength = a.malicious / n
+  elif strength == -1:
+    strength = DEFAULT_STRENGTH[a.adaptive]
+  return population(config, dataset, a.adaptive, strength,
+                    poison_rate=a.poison_rate)

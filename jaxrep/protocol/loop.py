@@ -27,8 +27,9 @@ from jaxrep.config import SimConfig
 from jaxrep.core import rng
 from jaxrep.core import trees
 from jaxrep import data as data_lib
+from jaxrep.protocol import calibration
 from jaxrep.protocol.results import SimResult, evaluate
-from jaxrep.protocol.simulation import Simulation, setup
+from jaxrep.protocol.simulation import Simulation, load, setup, validate
 from jaxrep.protocol.state import (EvidenceLog, ModelCheckpoint, Progress,
                                    ProtocolState, Trust)
 from jaxrep.protocol.steps import subrun_step
@@ -80,7 +81,8 @@ def run(config: SimConfig, *, progress: bool = True,
       resumed run gives bitwise the same results as an uninterrupted one.
     resume: continue from a checkpoint in `workdir` (else start over).
     behaviour: a custom per-provider behaviour (e.g. adaptive attacks); by
-      default it is built from the config's attack section. Its malicious
+      default it is built from the config's attack section (adaptive
+      attackers too, `config.attack.adaptive`). Its malicious
       count must equal the config's.
     hooks: custom trainer hooks for `behaviour` (default: its family's).
     behaviour_for_subrun: optional host-side function
@@ -89,6 +91,14 @@ def run(config: SimConfig, *, progress: bool = True,
       sub-runs. It cannot see which sub-runs are replicated.
   """
   t0 = time.perf_counter()
+  if behaviour is None and config.attack.adaptive != "none":
+    # Adaptive attackers from the config (--adaptive): built on the loaded
+    # dataset, which setup then reuses.
+    validate(config)
+    dataset = dataset if dataset is not None else load(config)
+    adv = calibration.from_config(config, dataset)
+    behaviour, hooks = adv.behaviour, adv.hooks
+    behaviour_for_subrun = adv.behaviour_for_subrun
   sim = setup(config, dataset=dataset, behaviour=behaviour, hooks=hooks,
               behaviour_for_subrun=behaviour_for_subrun,
               record_metrics=record_metrics)

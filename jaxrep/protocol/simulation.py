@@ -23,6 +23,7 @@ from jaxrep import data as data_lib
 from jaxrep import distances
 from jaxrep.detect import detectors as detect_lib
 from jaxrep import models as models_lib
+from jaxrep.population import adaptive as adaptive_lib
 from jaxrep.population import build as population_lib
 from jaxrep.population import divergence as div_lib
 from jaxrep.protocol import hostile as hostile_lib
@@ -56,6 +57,13 @@ def validate(config: SimConfig) -> SimConfig:
           f"unknown model {model!r}; choose one of "
           f"{', '.join(models_lib.MODELS + (AUTO,))}")
   population_lib.validate_attack(config.attack)
+  require(config.attack.adaptive in ("none",) + adaptive_lib.ADAPTIVE,
+          "adaptive", f"unknown adaptive attack {config.attack.adaptive!r}; "
+          f"choose one of {', '.join(('none',) + adaptive_lib.ADAPTIVE)}")
+  if config.attack.adaptive == "collusion":
+    require(config.attack.adaptive_strength == -1, "adaptive_strength",
+            "collusion has no strength: the colluders are the --malicious "
+            "providers")
   require(config.detector.metric in METRICS, "metric",
           f"unknown metric {config.detector.metric!r}; choose one of "
           f"{', '.join(METRICS)}")
@@ -190,6 +198,14 @@ def _mesh(config: SimConfig, n: int):
   return mesh
 
 
+def load(config: SimConfig) -> data_lib.Dataset:
+  """The dataset of a config's data section."""
+  d = config.data
+  return data_lib.load_dataset(d.dataset, d.data_dir,
+                               max_train=d.max_train or None,
+                               max_len=d.max_len, vocab_size=d.vocab_size)
+
+
 def setup(config: SimConfig, *, dataset: data_lib.Dataset | None = None,
           behaviour: Any = None, hooks: Any = None,
           behaviour_for_subrun: Callable | None = None,
@@ -199,10 +215,7 @@ def setup(config: SimConfig, *, dataset: data_lib.Dataset | None = None,
     require(m in METRICS, "record_metrics",
             f"unknown metric {m!r}; choose from {', '.join(METRICS)}")
   validate(config)
-  d = config.data
-  ds = dataset if dataset is not None else data_lib.load_dataset(
-      d.dataset, d.data_dir, max_train=d.max_train or None,
-      max_len=d.max_len, vocab_size=d.vocab_size)
+  ds = dataset if dataset is not None else load(config)
   config = resolve(config, ds)
   n = config.protocol.providers
   train_lib.check_population_args(n, config.protocol.subrun_steps,

@@ -12,7 +12,6 @@ import shlex
 
 import numpy as np
 
-from jaxrep import data as data_lib
 from jaxrep import protocol
 from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
@@ -36,13 +35,10 @@ class Datasets:
   def __init__(self):
     self._held: dict = {}
 
-  def get(self, config: SimConfig) -> data_lib.Dataset:
-    d = config.data
-    if d not in self._held:
-      self._held[d] = data_lib.load_dataset(
-          d.dataset, d.data_dir, max_train=d.max_train or None,
-          max_len=d.max_len, vocab_size=d.vocab_size)
-    return self._held[d]
+  def get(self, config: SimConfig):
+    if config.data not in self._held:
+      self._held[config.data] = protocol.load(config)
+    return self._held[config.data]
 
 
 def check(spec: Spec, datasets: Datasets) -> None:

@@ -69,3 +69,37 @@ def test_populations_of_adaptive_attackers(digits, texts, modality, attack,
   assert (setup.behaviour_for_subrun is None) == (attack != "sporadic")
   rates = np.asarray(b.base.poison_rate)[mal]
   np.testing.assert_allclose(rates, strength if attack == "low_rate" else 0.1)
+
+
+@pytest.mark.parametrize("name,strength,expect", [
+    ("sporadic", -1, 0.25), ("low_rate", 0.05, 0.05), ("collusion", -1, None)])
+def test_adaptive_attackers_from_the_config(digits, name, strength, expect):
+  config = SimConfig.from_flat(providers=8, malicious=2, steps=40,
+                               subrun_steps=10, replicated=1, adaptive=name,
+                               adaptive_strength=strength)
+  adv = calibration.from_config(protocol.validate(config), digits)
+  b = adv.behaviour
+  mal = np.asarray(b.malicious)
+  assert mal.sum() == 2 and adv.malicious == 2
+  assert set(np.asarray(b.tag)[mal]) == {adaptive.TAG[name]}
+  assert set(np.asarray(b.tag)[~mal]) == {0}
+  assert (adv.behaviour_for_subrun is not None) == (name == "sporadic")
+  if name == "sporadic":
+    assert set(np.asarray(b.share)[mal]) == {np.float32(expect)}
+  if name == "low_rate":
+    assert np.allclose(np.asarray(b.base.poison_rate)[mal], expect)
+  assert calibration.from_config(config.replace(adaptive="none"),
+                                 digits) is None
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(adaptive="stealth"), "adaptive: unknown adaptive attack 'stealth'"),
+    (dict(adaptive="collusion", adaptive_strength=0.5),
+     "adaptive_strength: collusion has no strength"),
+    (dict(adaptive="sporadic", adaptive_strength=0.0),
+     "adaptive_strength: must be -1"),
+])
+def test_bad_adaptive_settings(flags, message):
+  from jaxrep.core.errors import ConfigError
+  with pytest.raises(ConfigError, match=message):
+    protocol.validate(SimConfig.from_flat(**flags))
