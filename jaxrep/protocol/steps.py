@@ -1,14 +1,16 @@
 """The client's steps: small named functions from (simulation, state) to a
 new state. `subrun_step` is one sub-run of the protocol:
 
-  1. `train_step`       the trusted providers train sub-run s from the
-                        client's checkpoint; the client checks what comes
-                        back (NaN, Inf, wrong shapes, diverged updates);
+  1. `train_step`       (where the client needs all n, `_needs_all`) the
+                        providers train sub-run s from the client's
+                        checkpoint; the client checks what comes back (NaN,
+                        Inf, wrong shapes, diverged updates);
   2. `replicated_step`  (a replicated sub-run) distances between the returned
                         models, the detection step, and the client continues
                         from the medoid of the still-trusted results;
      `unchecked_step`   (any other sub-run) one trusted provider, drawn at
-                        random, computed it and it is accepted unchecked;
+                        random, computed it and it is accepted unchecked
+                        (`unchecked_one_step`: only that provider trains);
   3. `no_defense_step`  the same client without RTTD: a provider drawn among
                         all n computes the sub-run, accepted unchecked;
   4. `attack_check_step` every provider continues its own full run (the model
@@ -22,9 +24,17 @@ Steps 3 and 4 run once per sub-run; a re-executed sub-run repeats 1, 2, 5.
 Every execution leaves a ledger entry and a point of the client's
 trajectory (clean accuracy and ASR after it).
 
-The simulator trains all n providers on every sub-run (one vmapped step does
-that at the cost of one), but the client only sees and accepts what the
-protocol allows. Malicious providers poison every sub-run they compute: they
+The simulator computes what the protocol needs: all n providers (one
+vmapped, compiled sub-run) where the client compares them, and only the
+chosen provider where it does not (`unchecked_step`, the no-defense chain,
+re-execution after a rollback). Exceptions: a population with hostile
+providers (a test facility of the client's checks) trains all n on every
+sub-run, so every garbage return is caught at once; with attack_check off,
+the last sub-run trains all n because the report's provider metrics are of
+those models. A provider trained alone runs in a batch of one, which on
+XLA:CPU can round differently from its slice of the batched run (about 1e-7
+in parameters after 20 steps; see BUILD_NOTES "Computing only what the
+protocol needs"). Malicious providers poison every sub-run they compute: they
 cannot tell which sub-runs are replicated.
 """
 
@@ -60,6 +70,18 @@ def model_distances(sim: Simulation, metric: str, start_params, pop,
 def _start(sim: Simulation, checkpoint: ModelCheckpoint, n: int):
   return sim.trainer.replicate(checkpoint.params, checkpoint.model_state, n,
                                opt_state=checkpoint.opt_state)
+
+
+def train_one(sim: Simulation, checkpoint: ModelCheckpoint, schedule, keys,
+              behaviour, who: int) -> train_lib.Population:
+  """Provider `who` alone computes a sub-run from `checkpoint` (its key,
+  divergence and behaviour sliced from the population's): a population of
+  one, on the default device."""
+  out, _ = sim.trainer.sub_run(
+      _start(sim, checkpoint, 1), sim.x_train, sim.y_train, schedule,
+      keys[who:who + 1], trees.take_slice(sim.divergence, who),
+      trees.take_slice(behaviour, who))
+  return out
 
 
 def _accept(pop, i: int) -> ModelCheckpoint:
@@ -148,7 +170,7 @@ def replicated_step(sim: Simulation, state: ProtocolState, s: int,
 def unchecked_step(sim: Simulation, state: ProtocolState, s: int,
                    returned) -> ProtocolState:
   """A sub-run the client does not check: one trusted provider, drawn at
-  random, computed it."""
+  random, computed it (`returned`: what all n returned)."""
   active = state.trust.active
   chosen = None
   if active.any():
@@ -159,15 +181,43 @@ def unchecked_step(sim: Simulation, state: ProtocolState, s: int,
       s, _ledger_entry(state, chosen, False, active)))
 
 
+def unchecked_one_step(sim: Simulation, state: ProtocolState, s: int,
+                       schedule, keys, behaviour) -> ProtocolState:
+  """`unchecked_step` computing only what the client uses: the provider it
+  draws (the same draw) trains alone from the client's checkpoint. The
+  client checks that one return for NaN or Inf (on the host: no program to
+  compile for one model; with nothing to compare with, a diverged update
+  cannot be told, and only hostile providers, which train all n, return odd
+  shapes); a provider failing it is flagged and the client draws again
+  among the rest."""
+  active = state.trust.active
+  draw = rng.assignment(sim.config.seed, s)
+  chosen = None
+  while active.any():
+    who = int(draw.choice(np.flatnonzero(active)))
+    out = train_one(sim, state.client, schedule, keys, behaviour, who)
+    if all(np.isfinite(np.asarray(leaf)).all()
+           for leaf in jax.tree_util.tree_leaves(out.params)):
+      chosen = who
+      state = state.replace(client=_accept(out, 0))
+      break
+    bad = np.arange(sim.n) == who
+    state = state.replace(
+        trust=state.trust.flag(bad, s),
+        progress=dataclasses.replace(
+            state.progress, reasons=state.progress.reasons + (
+                (who, "returned NaN or Inf parameters"),)))
+    active = state.trust.active
+  return state.replace(progress=state.progress.record(
+      s, _ledger_entry(state, chosen, False, active)))
+
+
 def no_defense_step(sim: Simulation, state: ProtocolState, s: int, schedule,
                     keys, behaviour) -> ProtocolState:
   """The client without RTTD: a provider drawn among all n computes the
   sub-run from that client's checkpoint, accepted unchecked."""
   who = int(rng.no_defense(sim.config.seed, s).integers(sim.n))
-  single, _ = sim.trainer.sub_run(
-      _start(sim, state.no_defense, 1), sim.x_train, sim.y_train, schedule,
-      keys[who:who + 1], trees.take_slice(sim.divergence, who),
-      trees.take_slice(behaviour, who))
+  single = train_one(sim, state.no_defense, schedule, keys, behaviour, who)
   return state.replace(no_defense=_accept(single, 0))
 
 
@@ -241,17 +291,30 @@ def recovery_step(sim: Simulation, state: ProtocolState, s: int
   return state.replace(client=trees.take(state.history, j), progress=p)
 
 
+def _needs_all(sim: Simulation, state: ProtocolState, s: int) -> bool:
+  """Whether sub-run s is computed by every provider (see module
+  docstring): it is replicated and at least 2 providers are trusted, the
+  population has hostile providers, or it is the last sub-run and the
+  report's provider metrics are of the models returned for it."""
+  return ((s in sim.replicated and state.trust.active.sum() >= 2)
+          or bool(sim.hostile)
+          or (state.own is None and s == sim.config.num_subruns - 1))
+
+
 def subrun_step(sim: Simulation, state: ProtocolState, s: int
-                ) -> tuple[ProtocolState, train_lib.Population]:
+                ) -> tuple[ProtocolState, train_lib.Population | None]:
   """One execution of sub-run s (see module docstring); also returns what
-  the providers returned for it."""
+  the providers returned for it (None where only one provider computed
+  it)."""
   first = s >= state.progress.frontier
   flagged_before = state.trust.flagged_at >= 0
   behaviour = sim.subrun_behaviour(s)
   schedule, keys = sim.schedule(s), sim.keys(s)
   state = _keep_history(state, s)
   participants = state.trust.active
-  state, returned = train_step(sim, state, s, schedule, keys, behaviour)
+  returned = None
+  if _needs_all(sim, state, s):
+    state, returned = train_step(sim, state, s, schedule, keys, behaviour)
   replicated = s in sim.replicated and state.trust.active.sum() >= 2
   if replicated:
     state = replicated_step(sim, state, s, returned)
@@ -260,7 +323,10 @@ def subrun_step(sim: Simulation, state: ProtocolState, s: int
       state = state.replace(progress=state.progress.note(
           f"sub-run {s}: fewer than 2 trusted providers left, no comparison "
           "possible"))
-    state = unchecked_step(sim, state, s, returned)
+    if returned is None:
+      state = unchecked_one_step(sim, state, s, schedule, keys, behaviour)
+    else:
+      state = unchecked_step(sim, state, s, returned)
   state = _count_steps(sim, state, s, int(participants.sum()), replicated)
   if first:
     state = no_defense_step(sim, state, s, schedule, keys, behaviour)
