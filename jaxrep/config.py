@@ -186,13 +186,21 @@ class ProtocolConfig:
 class DetectorConfig:
   metric: str = field("l2", "l2, cosine, l1, linf, output, cka or zest",
                       check=V.text("a metric name"))
-  name: str = field("ks", "ks, zscore, krum, multikrum, median or cluster",
+  name: str = field("replica", "replica (flags a provider with no near "
+                    "replica at the look; decides at the first look), ks, "
+                    "zscore, krum, multikrum, median or cluster",
                     flag="detector", check=V.text("a detector name"))
   alpha: float = field(0.01, "significance level of the detector, in (0, 1)",
                        check=V.real(0.0, 1.0, low_open=True, high_open=True))
   ks_margin: float = field(10.0, "ks: test whether a provider's distances "
                            "exceed margin x the others' (1: the plain test; "
                            "see jaxrep/detect)", check=V.real(1.0, 1e12))
+  replica_margin: float = field(
+      100.0, "replica: a provider is flagged when its distance to its "
+      "nearest other participant exceeds margin x the 25th percentile of "
+      "those nearest distances (chosen on an all-benign calibration "
+      "setting, see BUILD_NOTES 'Replica detector')",
+      check=V.real(1.0, 1e12))
   krum_f: int = field(-1, "f assumed by krum/multikrum; -1: (n - 3) // 2",
                       check=V.integer(-1))
   probe_size: int = field(256, "probe set of output/cka/zest: the last "

@@ -4,6 +4,29 @@ All detectors are pure functions of an `Evidence` record: the [n, n] distance
 matrices of the replicated sub-runs seen so far, restricted to the providers
 that took part. Scores are "higher = more suspicious"; flags are booleans.
 
+* replica (the default): decides at every look on that look's matrix alone,
+  so at the FIRST replicated look. nn_i = distance from participant i to its
+  nearest other participant; s = the 25th percentile of the participants'
+  nn distances (the honest replica scale while >= 25 % of the participants
+  have an honest replica); i is flagged when nn_i > margin * s
+  (`replica_margin`). Score: nn_i / s. Why it survives mixed hardware: two
+  honest providers on the same numeric stack differ only by reduction order
+  (~1e-6 of the update norm on digits), while honest providers on different
+  stacks are 1e3-1e4 times further apart (BUILD_NOTES 'Hardware
+  profiles'); a provider's NEAREST replica is on its own stack, so the test
+  never compares stacks and needs no per-profile table. It does not use the
+  stacks the providers declare (a provider could lie about its stack to
+  widen its tolerance). Each attacker that plants its own backdoor, with its
+  own poisoned examples, is 1e5-1e6 honest scales from everyone, including
+  attackers with the same trigger and target. Assumptions, and where it
+  breaks: every honest provider has another honest provider on its stack
+  at the look (a lone honest provider of its stack is flagged), and no two
+  attackers return near-identical models (colluders sharing one backdoor
+  and its poisoned examples pass; use `cluster`). margin was chosen on an
+  all-benign calibration setting (digits, seeds 1000..1009, fp32 and mixed
+  stacks; BUILD_NOTES 'Replica detector'), which bounds the per-look
+  family-wise error (any honest provider flagged at a look) empirically;
+  the bound over m looks is m times it (union bound).
 * ks (RTTD's test): for provider i, sample A_i = its distances to the other
   participants, and sample B_i = the pairwise distances among the other
   participants (every unordered pair j < l with j, l != i), both pooled over
@@ -64,7 +87,10 @@ from scipy import stats
 
 from jaxrep.core.errors import require
 
-DETECTORS = ("ks", "zscore", "krum", "multikrum", "median", "cluster")
+DETECTORS = ("replica", "ks", "zscore", "krum", "multikrum", "median",
+             "cluster")
+REPLICA_QUANTILE = 0.25
+REPLICA_MARGIN = 100.0   # chosen on the calibration setting (module doc)
 
 
 class Verdict(NamedTuple):
@@ -313,8 +339,44 @@ def cluster_detector(evidence: Evidence, n: int, margin: float = 10.0,
   return Verdict(scores=scores, flags=flags)
 
 
+def replica_ratios(d: np.ndarray, members: np.ndarray,
+                   quantile: float = REPLICA_QUANTILE) -> np.ndarray:
+  """Nearest-replica ratio nn_i / s of every member of one look (0 for
+  non-members): nn_i = distance to its nearest other member, s = the
+  `quantile` of the members' nn distances (the benign replica scale while
+  at least that share of members has an honest replica). When that many
+  members have a bit-identical replica, s = 0 and any member without one
+  gets a huge ratio: without benign divergence every deviation is one."""
+  n = d.shape[0]
+  idx = np.flatnonzero(members)
+  ratio = np.zeros(n)
+  if idx.size < 2:
+    return ratio
+  sub = np.nan_to_num(np.asarray(d, np.float64)[np.ix_(idx, idx)],
+                      nan=np.inf)
+  nn = np.min(np.where(np.eye(idx.size, dtype=bool), np.inf, sub), axis=1)
+  finite = nn[np.isfinite(nn)]
+  if finite.size == 0:
+    return ratio
+  s = max(float(np.quantile(finite, quantile)), np.finfo(float).tiny)
+  ratio[idx] = np.minimum(nn / s, np.finfo(float).max)
+  return ratio
+
+
+def replica_detector(evidence: Evidence, n: int, margin: float,
+                     quantile: float = REPLICA_QUANTILE) -> Verdict:
+  """Flags the participants of the LAST look without a near replica there."""
+  score = np.zeros(n)
+  if not evidence.matrices:
+    return Verdict(scores=score, flags=np.zeros(n, bool))
+  score = replica_ratios(evidence.matrices[-1], evidence.members[-1],
+                         quantile)
+  return Verdict(scores=score, flags=score > margin)
+
+
 def detect(name: str, evidence: Evidence, n: int, *, alpha: float = 0.01,
            krum_f: int | None = None, ks_margin: float = 1.0,
+           replica_margin: float | None = None,
            median_evidence: list[np.ndarray] | None = None) -> Verdict:
   """Runs detector `name` on the evidence; only participants can be flagged."""
   require(name in DETECTORS, "detector",
@@ -322,7 +384,13 @@ def detect(name: str, evidence: Evidence, n: int, *, alpha: float = 0.01,
   require(0.0 < alpha < 1.0, "alpha", f"must be in (0, 1), got {alpha!r}")
   require(np.isfinite(ks_margin) and ks_margin >= 1.0, "ks_margin",
           f"must be a finite factor >= 1, got {ks_margin!r}")
-  if name == "ks":
+  replica_margin = REPLICA_MARGIN if replica_margin is None else replica_margin
+  require(np.isfinite(replica_margin) and replica_margin >= 1.0,
+          "replica_margin",
+          f"must be a finite factor >= 1, got {replica_margin!r}")
+  if name == "replica":
+    verdict = replica_detector(evidence, n, replica_margin)
+  elif name == "ks":
     verdict = ks_detector(evidence, n, alpha, ks_margin)
   elif name == "zscore":
     verdict = zscore_detector(evidence, n, alpha)

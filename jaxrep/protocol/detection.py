@@ -9,6 +9,8 @@ sub-runs without training again.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from jaxrep.config import DetectorConfig
@@ -25,7 +27,8 @@ def detection_step(detector: DetectorConfig, evidence: detect_lib.Evidence,
   verdict = detect_lib.detect(
       detector.name, evidence, n, alpha=detector.alpha,
       krum_f=None if detector.krum_f < 0 else detector.krum_f,
-      ks_margin=detector.ks_margin, median_evidence=median_evidence)
+      ks_margin=detector.ks_margin, replica_margin=detector.replica_margin,
+      median_evidence=median_evidence)
   scores = np.where(trust.active, np.asarray(verdict.scores), trust.scores)
   trust = Trust(trust.active, trust.flagged_at, scores)
   return trust.flag(verdict.flags & trust.active, when)
@@ -41,7 +44,7 @@ def medoid(d: np.ndarray, members: np.ndarray) -> int:
 
 def replay(matrices: list[np.ndarray], n: int, detector: str, *,
            alpha: float = 0.01, ks_margin: float = 10.0,
-           krum_f: int | None = None,
+           krum_f: int | None = None, replica_margin: float | None = None,
            median_distances: list[np.ndarray] | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Replays the client's sequential detection on recorded matrices.
@@ -50,6 +53,8 @@ def replay(matrices: list[np.ndarray], n: int, detector: str, *,
   """
   config = DetectorConfig(name=detector, alpha=alpha, ks_margin=ks_margin,
                           krum_f=-1 if krum_f is None else krum_f)
+  if replica_margin is not None:
+    config = dataclasses.replace(config, replica_margin=replica_margin)
   trust = Trust.everyone(n)
   evidence = detect_lib.Evidence()
   for r, d in enumerate(matrices):

@@ -197,3 +197,102 @@ def test_cluster_detector_tie_and_anchor():
   assert not detect.detect("ks", ev, n, ks_margin=10.0).flags.any()
   v = detect.cluster_detector(ev, n, 10.0, anchor=0)
   np.testing.assert_array_equal(v.flags, np.arange(n) >= 8)
+
+
+# ---- replica (the default detector) ---------------------------------------
+# Geometry measured on digits (BUILD_NOTES 'Hardware profiles'): honest
+# providers on one numeric stack ~1e-6 of the update norm apart, honest
+# providers on different stacks 1e-3 .. 2e-2 apart, a backdoor ~1 away.
+
+def _stacks_population(rng, stacks, malicious, benign=1e-6, cross=1e-2,
+                       backdoor=1.0, shared=0.0, dim=200):
+  """Points for providers on `stacks` (a profile index each); `malicious`
+  marks attackers (each its own backdoor direction; `shared` in [0, 1) is
+  the share of one common direction, a shared trigger and target)."""
+  stacks = np.asarray(stacks)
+  centres = cross * rng.normal(size=(stacks.max() + 1, dim)) / np.sqrt(dim)
+  x = centres[stacks] + benign * rng.normal(size=(len(stacks), dim)) / np.sqrt(dim)
+  common = rng.normal(size=dim)
+  for i in np.flatnonzero(malicious):
+    own = rng.normal(size=dim)
+    x[i] += backdoor * (shared * common + (1 - shared) * own) / np.sqrt(dim)
+  return np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+
+
+def _one_look(d):
+  ev = detect.Evidence()
+  ev.add(d, np.ones(d.shape[0], bool))
+  return ev
+
+
+def test_replica_spares_a_benign_subgroup_10000x_apart():
+  # All-benign providers whose stacks are 1e4 honest scales apart. With 4
+  # of 16 on bf16 (the issue's case) KS at margin 10, pooled over five
+  # looks, flags the bf16 four; with fp32/tf32/bf16 = 8/4/4 the cluster
+  # detector flags all but the fp32 eight. replica flags no one, at every
+  # one of 20 looks of each.
+  mal = np.zeros(16, bool)
+  rng = np.random.default_rng(11)
+  for stacks, other in (([0] * 12 + [2] * 4, "ks"),
+                        ([0] * 8 + [1] * 4 + [2] * 4, "cluster")):
+    looks = [_stacks_population(rng, stacks, mal) for _ in range(20)]
+    ev = detect.Evidence()
+    for d in looks[:5]:
+      ev.add(d, np.ones(16, bool))
+    flags = detect.detect(other, ev, 16, ks_margin=10.0).flags
+    np.testing.assert_array_equal(flags, np.asarray(stacks) > 0)
+    for d in looks:
+      v = detect.detect("replica", _one_look(d), 16)
+      assert not v.flags.any(), v.scores
+      assert v.scores.max() < 10     # far below the margin of 100
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.9])
+def test_replica_flags_half_malicious_at_the_first_look(shared):
+  # 8 of 16 attackers at random ids, on mixed stacks; own backdoors
+  # (shared=0) or one trigger and target (shared=0.9: attacker-attacker
+  # distance 1e5 honest scales, the measured spread was 7.3e5). One look.
+  rng = np.random.default_rng(12)
+  for trial in range(10):
+    mal = np.zeros(16, bool)
+    mal[rng.permutation(16)[:8]] = True
+    stacks = np.zeros(16, int)
+    # each stack keeps >= 2 honest providers (the detector's assumption)
+    honest = np.flatnonzero(~mal)
+    stacks[honest[:2]] = 1
+    stacks[honest[2:4]] = 2
+    stacks[np.flatnonzero(mal)[:2]] = 2
+    d = _stacks_population(rng, stacks, mal, shared=shared)
+    v = detect.detect("replica", _one_look(d), 16)
+    np.testing.assert_array_equal(v.flags, mal, err_msg=str(trial))
+    # margin 10 KS and plain KS cannot decide at one look at 50 %
+    assert not detect.detect("ks", _one_look(d), 16,
+                             ks_margin=10.0).flags[mal].all()
+
+
+def test_replica_documented_failures():
+  # A lone honest provider of its stack has no replica and is flagged;
+  # colluders returning near-identical models are each other's replica.
+  rng = np.random.default_rng(13)
+  stacks = [0] * 11 + [1]
+  d = _stacks_population(rng, stacks, np.zeros(12, bool))
+  assert np.flatnonzero(detect.detect("replica", _one_look(d), 12).flags
+                        ).tolist() == [11]
+  d = _two_groups(10, 3, rng)
+  assert not detect.detect("replica", _one_look(d), 13).flags.any()
+
+
+def test_replica_judges_the_last_look_and_bit_identical_pairs():
+  rng = np.random.default_rng(14)
+  mal = np.zeros(8, bool)
+  mal[[1, 5]] = True
+  d = _stacks_population(rng, [0] * 8, mal, benign=0.0)   # honest identical
+  ev = _one_look(d)
+  v = detect.detect("replica", ev, 8)
+  np.testing.assert_array_equal(v.flags, mal)
+  mem = ~mal
+  ev.add(_stacks_population(rng, [0] * 8, np.zeros(8, bool)), mem)
+  v = detect.detect("replica", ev, 8)      # the second look alone: clean
+  assert not v.flags.any()
+  with pytest.raises(ConfigError, match="replica_margin"):
+    detect.detect("replica", ev, 8, replica_margin=0.5)
