@@ -100,8 +100,10 @@ def test_main_job_on_text_writes_the_same_results_json(tmp_path):
   assert res["config"]["dataset"] == "text_synthetic"
   assert res["providers"][0]["attack"] == "token"
   assert set(res["providers"][0]) == {
-      "id", "malicious", "attack", "hostile", "flagged", "flagged_at_subrun",
-      "flag_reason", "score", "clean_accuracy", "attack_success_rate"}
+      "id", "malicious", "attack", "stack", "hostile", "flagged",
+      "flagged_at_subrun", "flag_reason", "score", "clean_accuracy",
+      "attack_success_rate"}
+  assert {p["stack"] for p in res["providers"]} == {"fp32"}   # the default
   for png in ["distance_matrix.png", "distance_histogram.png", "roc.png"]:
     assert (out / png).stat().st_size > 1000, png
 
