@@ -57,6 +57,7 @@ def validate(config: SimConfig) -> SimConfig:
           f"unknown model {model!r}; choose one of "
           f"{', '.join(models_lib.MODELS + (AUTO,))}")
   population_lib.validate_attack(config.attack)
+  div_lib.parse_stacks(config.divergence)
   require(config.attack.adaptive in ("none",) + adaptive_lib.ADAPTIVE,
           "adaptive", f"unknown adaptive attack {config.attack.adaptive!r}; "
           f"choose one of {', '.join(('none',) + adaptive_lib.ADAPTIVE)}")
