@@ -196,8 +196,8 @@ class DetectorConfig:
                            "exceed margin x the others' (1: the plain test; "
                            "see jaxrep/detect)", check=V.real(1.0, 1e12))
   replica_margin: float = field(
-      100.0, "replica: a provider is flagged when its distance to its "
-      "nearest other participant exceeds margin x the 25th percentile of "
+      1e5, "replica: a provider is flagged when its distance to its "
+      "nearest other participant exceeds margin x the 10th percentile of "
       "those nearest distances (chosen on an all-benign calibration "
       "setting, see BUILD_NOTES 'Replica detector')",
       check=V.real(1.0, 1e12))

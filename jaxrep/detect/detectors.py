@@ -6,27 +6,38 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
 
 * replica (the default): decides at every look on that look's matrix alone,
   so at the FIRST replicated look. nn_i = distance from participant i to its
-  nearest other participant; s = the 25th percentile of the participants'
-  nn distances (the honest replica scale while >= 25 % of the participants
-  have an honest replica); i is flagged when nn_i > margin * s
+  nearest other participant; s = the 10th percentile of the participants'
+  nn distances (the replica scale of the most reproducible honest stack,
+  fp32, while >= 10 % of the participants are honest fp32 providers with
+  a replica); i is flagged when nn_i > margin * s
   (`replica_margin`). Score: nn_i / s. Why it survives mixed hardware: two
   honest providers on the same numeric stack differ only by reduction order
   (~1e-6 of the update norm on digits), while honest providers on different
   stacks are 1e3-1e4 times further apart (BUILD_NOTES 'Hardware
   profiles'); a provider's NEAREST replica is on its own stack, so the test
-  never compares stacks and needs no per-profile table. It does not use the
+  never compares stacks and needs no per-profile table (but see the tf32
+  spread below). It does not use the
   stacks the providers declare (a provider could lie about its stack to
   widen its tolerance). Each attacker that plants its own backdoor, with its
   own poisoned examples, is 1e5-1e6 honest scales from everyone, including
   attackers with the same trigger and target. Assumptions, and where it
   breaks: every honest provider has another honest provider on its stack
-  at the look (a lone honest provider of its stack is flagged), and no two
+  at the look (a lone honest provider of its stack is flagged unless its
+  stack is within margin x s of another), and no two
   attackers return near-identical models (colluders sharing one backdoor
-  and its poisoned examples pass; use `cluster`). margin was chosen on an
-  all-benign calibration setting (digits, seeds 1000..1009, fp32 and mixed
-  stacks; BUILD_NOTES 'Replica detector'), which bounds the per-look
-  family-wise error (any honest provider flagged at a look) empirically;
-  the bound over m looks is m times it (union bound).
+  and its poisoned examples pass; use `cluster`; >= 10 % of participants
+  returning identical models drive s to 0 and get everyone flagged).
+  margin = 1e5 was chosen on an all-benign calibration setting (digits, 16
+  providers, 400 steps, seeds 1000..1009, all fp32 and fp32/tf32/bf16 =
+  0.5/0.25/0.25; BUILD_NOTES 'Replica detector'): the largest honest ratio
+  there was 1.0e3 (fp32, a last look whose distances are a few float32
+  ulps) and 7.5e4 (mixed stacks: tf32/bf16 replicas at early, large-step
+  looks are 1e-5..7e-3 apart against fp32's 7e-7). That is the per-look
+  family-wise error's only bound: 0 exceedances in 100 calibration looks,
+  i.e. <= 3 % per look at 95 % confidence (no parametric bound; m looks: m
+  times it). The margin is thin on both sides: attackers with their own
+  backdoors scored >= 1.2e6 at 50 %, honest mixed-stack providers up to
+  1.0e5 in runs with attackers.
 * ks (RTTD's test): for provider i, sample A_i = its distances to the other
   participants, and sample B_i = the pairwise distances among the other
   participants (every unordered pair j < l with j, l != i), both pooled over
@@ -89,8 +100,8 @@ from jaxrep.core.errors import require
 
 DETECTORS = ("replica", "ks", "zscore", "krum", "multikrum", "median",
              "cluster")
-REPLICA_QUANTILE = 0.25
-REPLICA_MARGIN = 100.0   # chosen on the calibration setting (module doc)
+REPLICA_QUANTILE = 0.1
+REPLICA_MARGIN = 1e5   # chosen on the calibration setting (module doc)
 
 
 class Verdict(NamedTuple):

@@ -244,14 +244,14 @@ def test_replica_spares_a_benign_subgroup_10000x_apart():
     for d in looks:
       v = detect.detect("replica", _one_look(d), 16)
       assert not v.flags.any(), v.scores
-      assert v.scores.max() < 10     # far below the margin of 100
+      assert v.scores.max() < 10     # far below the margin of 1e5
 
 
-@pytest.mark.parametrize("shared", [0.0, 0.9])
+@pytest.mark.parametrize("shared", [0.0, 0.8])
 def test_replica_flags_half_malicious_at_the_first_look(shared):
   # 8 of 16 attackers at random ids, on mixed stacks; own backdoors
-  # (shared=0) or one trigger and target (shared=0.9: attacker-attacker
-  # distance 1e5 honest scales, the measured spread was 7.3e5). One look.
+  # (shared=0) or one trigger and target (shared=0.8: attacker-attacker
+  # distance 2.8e5 honest scales, the measured spread was 7.3e5). One look.
   rng = np.random.default_rng(12)
   for trial in range(10):
     mal = np.zeros(16, bool)
@@ -271,11 +271,15 @@ def test_replica_flags_half_malicious_at_the_first_look(shared):
 
 
 def test_replica_documented_failures():
-  # A lone honest provider of its stack has no replica and is flagged;
-  # colluders returning near-identical models are each other's replica.
+  # A lone honest provider of its stack has no replica: at the measured
+  # fp32-bf16 distance (1e4 honest scales) it passes the margin of 1e5, at
+  # a backdoor's distance (1e6) it is flagged. Colluders returning near-identical models are each
+  # other's replica.
   rng = np.random.default_rng(13)
   stacks = [0] * 11 + [1]
-  d = _stacks_population(rng, stacks, np.zeros(12, bool))
+  d = _stacks_population(rng, stacks, np.zeros(12, bool), cross=1e-2)
+  assert not detect.detect("replica", _one_look(d), 12).flags.any()
+  d = _stacks_population(rng, stacks, np.zeros(12, bool), cross=1.0)
   assert np.flatnonzero(detect.detect("replica", _one_look(d), 12).flags
                         ).tolist() == [11]
   d = _two_groups(10, 3, rng)

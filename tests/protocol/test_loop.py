@@ -37,7 +37,10 @@ def test_small_run_detects_and_protects_the_client(small_run):
   # Seed 1 draws providers 0 and 1 as the attackers.
   assert r.malicious.tolist() == [True, True, False, False, False, False]
   assert s["tpr"] == 1.0 and s["fpr"] == 0.0 and s["auroc"] == 1.0
-  assert s["overhead_steps"] == 2 * 20 * 5
+  # replica (the default) flags both attackers at the first replicated
+  # sub-run; the second is replicated among the 4 trusted providers.
+  assert (r.flagged_at[:2] == r.replicated_subruns[0]).all()
+  assert s["overhead_steps"] == 20 * 5 + 20 * 3
   assert len(r.matrices) == 2 and r.matrices[0].shape == (6, 6)
   # The client's model carries no backdoor (its ASR against every attacker's
   # trigger is at the benign providers' base rate) and lost no accuracy.
