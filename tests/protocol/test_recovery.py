@@ -11,9 +11,10 @@ from jaxrep import report
 from jaxrep.config import SimConfig
 
 # Seed 15: the attackers are providers 0 and 4; attacker 0 computes the
-# unchecked sub-runs 1 and 2; the attackers are flagged at the second
-# replicated sub-run (5), so the backdoor reaches the client unless it rolls
-# back (to before sub-run 1).
+# unchecked sub-runs 1 and 2; the attackers are flagged at the first
+# replicated sub-run (3) by the default (replica) detector, so the backdoor
+# reaches the client unless it rolls back (to before sub-run 1) and redoes
+# sub-runs 1-3.
 SMALL = dict(providers=6, malicious=2, steps=120, subrun_steps=20,
              replicated=2, poison_rate=0.2, seed=15)
 
@@ -46,7 +47,8 @@ def test_ledger_shows_who_computed_what(runs):
     accepted = {e["computed_by"] for e in r.ledger}
     if rec == "rollback":
       assert not accepted & flagged, r.ledger
-      assert [e["redone"] for e in r.ledger] == [0, 1, 1, 1, 1, 1]
+      assert [e["redone"] for e in r.ledger] == [0, 1, 1, 1, 0, 0]
+      assert set(r.flagged_at[r.flags]) == {3}
     else:
       assert accepted & flagged
     for s, e in enumerate(r.ledger):
@@ -59,21 +61,21 @@ def test_extra_steps_split_into_replication_and_reexecution(runs):
   k = SMALL["subrun_steps"]
   assert s["overhead_steps"] == (s["overhead_replication_steps"]
                                  + s["overhead_reexecution_steps"])
-  # Sub-runs 1, 2, 4 (unchecked, k each) and 3, 5 (replicated, by the 4
-  # trusted providers) are redone.
-  assert s["overhead_reexecution_steps"] == 3 * k + 2 * 4 * k
-  # First checks of sub-runs 3 and 5: 6 providers each.
-  assert s["overhead_replication_steps"] == 2 * 5 * k
+  # Sub-runs 1, 2 (unchecked, k each) and 3 (replicated, by the 4 trusted
+  # providers) are redone.
+  assert s["overhead_reexecution_steps"] == 2 * k + 4 * k
+  # First checks: sub-run 3 by all 6 providers, sub-run 5 by the 4 trusted.
+  assert s["overhead_replication_steps"] == 5 * k + 3 * k
 
 
 def test_trajectory_marks_flags_and_the_rollback(runs, tmp_path):
   r = runs["rollback"]
   t = r.trajectory
-  assert len(t) == 6 + 5
+  assert len(t) == 6 + 3
   back = [p for p in t if "rollback_to" in p]
   assert len(back) == 1 and back[0]["rollback_to"] == 1
   assert back[0]["flagged"] == [0, 4]     # seed 15's attackers
-  assert [p["reexecution"] for p in t].count(True) == 5
+  assert [p["reexecution"] for p in t].count(True) == 3
   assert t[-1]["attack_success_rate"] == r.client["attack_success_rate"]
   paths = report.write_plots(r, str(tmp_path))
   assert (tmp_path / "client_trajectory.png").stat().st_size > 10_000
@@ -91,14 +93,14 @@ def test_resume_during_reexecution_is_bitwise_identical(runs, digits,
 
   def stop_while_redoing(behaviour, s):
     calls.append(s)
-    if len(calls) == 8:       # executions 0..5 | 1 2 <- here | 3 4 5
+    if len(calls) == 6:       # executions 0..3 | 1 2 <- here | 3 4 5
       raise _Stop
     return behaviour
 
   with pytest.raises(_Stop):
     protocol.run(config, progress=False, dataset=digits,
                  workdir=str(tmp_path), behaviour_for_subrun=stop_while_redoing)
-  assert calls == [0, 1, 2, 3, 4, 5, 1, 2]
+  assert calls == [0, 1, 2, 3, 1, 2]
   resumed = protocol.run(config, progress=False, dataset=digits,
                          workdir=str(tmp_path))
   whole = runs["rollback"]
