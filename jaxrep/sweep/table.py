@@ -122,12 +122,22 @@ def to_csv(rows: list[dict], axes: tuple[str, ...], shown=FIGURES) -> str:
 def _cell(mean, lo, hi, pct: bool) -> str:
   if math.isnan(mean):
     return "-"
-  scale = 100.0 if pct else 1.0
-  digits = 1 if pct else 0
-  text = f"{mean * scale:.{digits}f}"
+  if pct:
+    text = f"{mean * 100:.1f}"
+    if not math.isnan(lo):
+      text += f" ± {(hi - mean) * 100:.1f}"
+    return text + " %"
+  text = _number(mean)
   if not math.isnan(lo):
-    text += f" ± {(hi - mean) * scale:.{digits}f}"
-  return text + (" %" if pct else "")
+    text += f" ± {_number(hi - mean)}"
+  return text
+
+
+def _number(v: float) -> str:
+  """Three significant digits, without an exponent below 1e6."""
+  if v == 0 or abs(v) >= 100:
+    return f"{v:.0f}"
+  return f"{v:.3g}"
 
 
 def to_markdown(rows: list[dict], axes: tuple[str, ...], title: str = "",

@@ -55,3 +55,13 @@ def test_chosen_figures_and_unknown_ones():
   from jaxrep.core.errors import ConfigError
   with pytest.raises(ConfigError, match="figures: unknown figure 'acc'"):
     table_lib.figures(["acc"])
+
+
+def test_small_counts_keep_their_digits():
+  rows = table_lib.aggregate(
+      [dict(_record(i, i, 2, 1.0, 1.0), summary={"rollbacks": v})
+       for i, v in enumerate([0, 1, 0, 0, 1])], ("malicious",),
+      table_lib.figures(["rollbacks"]))
+  md = table_lib.to_markdown(rows, ("malicious",),
+                             shown=table_lib.figures(["rollbacks"]))
+  assert "| 2 | 5 | 0.4 ± 0.68 |" in md
