@@ -2,7 +2,7 @@
 the detection metrics (TPR, FPR, AUROC)."""
 
 from jaxrep.detect.detectors import (DETECTORS, Evidence, Verdict, detect,
-                                     median_distances)
+                                     median_distances, replica_ratios)
 from jaxrep.detect.metrics import auroc, fpr, roc_curve, tpr
 from jaxrep.detect.inspection import (Inspection, MaxMarginConfig,
                                       NeuralCleanseConfig, StripConfig,

@@ -300,3 +300,22 @@ def test_replica_judges_the_last_look_and_bit_identical_pairs():
   assert not v.flags.any()
   with pytest.raises(ConfigError, match="replica_margin"):
     detect.detect("replica", ev, 8, replica_margin=0.5)
+
+
+def test_replica_look_flagging_more_than_half_flags_no_one():
+  # The last sub-run of a cosine schedule (learning rate ~0): 2 honest
+  # replicas bit-identical, the others a few ulps apart -> ratios ~inf for
+  # 6 of 8. More than half is not an attack the detector can call.
+  rng = np.random.default_rng(15)
+  d = np.abs(rng.normal(size=(8, 8))) * 1e-9
+  d = (d + d.T) / 2
+  np.fill_diagonal(d, 0.0)
+  d[0, 1] = d[1, 0] = 0.0
+  assert (detect.replica_ratios(d, np.ones(8, bool)) > 1e5).sum() == 6
+  assert not detect.detect("replica", _one_look(d), 8).flags.any()
+  # Exactly half is still flagged (50 % attackers).
+  mal = np.zeros(8, bool)
+  mal[[0, 2, 4, 6]] = True
+  d = _stacks_population(rng, [0] * 8, mal)
+  np.testing.assert_array_equal(
+      detect.detect("replica", _one_look(d), 8).flags, mal)
