@@ -176,7 +176,13 @@ def test_main_job_writes_results_and_plots(tmp_path):
               "attacker_spread"]:
     assert key in res["summary"], key
   assert len(res["summary"]["attacker_spread"]) == 2
-  assert res["summary"]["overhead_steps"] == 2 * 20 * 5
+  # Both sub-runs are replicated: the first check by all 6, the second by
+  # those still trusted (the replica default flags at the first look).
+  first = res["summary"]["replicated_subruns"][0]
+  caught = sum(p["flagged_at_subrun"] == first for p in res["providers"])
+  assert res["summary"]["replicated_subruns"] == [0, 1]
+  assert res["summary"]["overhead_steps"] == 20 * 5 + 20 * (5 - caught)
+  assert res["summary"]["overhead_reexecution_steps"] == 0
   assert res["versions"]["jax"]
   for png in ["distance_matrix.png", "distance_histogram.png", "roc.png"]:
     assert (out / png).stat().st_size > 1000, png
