@@ -439,24 +439,25 @@ def _strip_entropies(model, cfg, params, model_state, x, x_overlay, picks):
 
 
 def strip_entropies(model: Model, params, model_state, x, x_overlay, key, *,
-                    config: StripConfig = StripConfig()) -> np.ndarray:
+                    config: StripConfig = StripConfig(),
+                    name: str = "x") -> np.ndarray:
   """STRIP entropy of inputs under every provider's model: float [n, B].
 
   Each input is superimposed with `config.overlays` clean images drawn
   (from `key`, the same draws for every provider) from x_overlay, and the
   entropy of the model's softmax is averaged over them. x is [B, H, W, C]
   (the same inputs for every provider) or [n, B, H, W, C] (each provider its
-  own, e.g. its own triggered inputs).
+  own, e.g. its own triggered inputs). Errors name `x` as `name`.
   """
   n = _check_model(model, params)
   config.validate()
   shape = tuple(model.input_shape)
   x = np.asarray(x)
   per_provider = x.ndim == 2 + len(shape)
-  require(not per_provider or x.shape[0] == n, "x",
+  require(not per_provider or x.shape[0] == n, name,
           f"per-provider inputs need a leading axis of {n}, got {x.shape}")
   x = _check_images(x.reshape(-1, *x.shape[-len(shape):]) if per_provider
-                    else x, model, "x")
+                    else x, model, name)
   x = x.reshape(n, -1, *shape) if per_provider else jnp.broadcast_to(
       x, (n, *x.shape))
   x_overlay = _check_images(x_overlay, model, "x_overlay", 2)
@@ -500,7 +501,7 @@ def strip(model: Model, params, model_state, x_clean, x_overlay, key, *,
     and "mean_entropy" [n].
   """
   entropies = strip_entropies(model, params, model_state, x_clean, x_overlay,
-                              key, config=config)
+                              key, config=config, name="x_clean")
   mean = entropies.mean(-1)
   scores = 1.0 - mean / math.log(model.num_classes)
   return Inspection("strip", scores, scores > config.threshold,
@@ -527,7 +528,7 @@ def strip_separation(model: Model, params, model_state, x_clean, x_triggered,
     share of x_clean rejected at that boundary.
   """
   clean = strip_entropies(model, params, model_state, x_clean, x_overlay,
-                          key, config=config)
+                          key, config=config, name="x_clean")
   n = clean.shape[0]
   x_triggered = np.asarray(x_triggered)
   require(x_triggered.ndim == 2 + len(model.input_shape)
@@ -535,7 +536,8 @@ def strip_separation(model: Model, params, model_state, x_clean, x_triggered,
           f"must be [n={n}, B, {', '.join(map(str, model.input_shape))}] "
           f"(each provider's triggered inputs), got {x_triggered.shape}")
   trig = strip_entropies(model, params, model_state, x_triggered, x_overlay,
-                         jax.random.fold_in(key, 1), config=config)
+                         jax.random.fold_in(key, 1), config=config,
+                         name="x_triggered")
   boundary = strip_boundary(clean, config.frr)
   # AUROC by ranks: triggered inputs should have the LOWER entropy.
   ranks = stats.rankdata(np.concatenate([-trig, -clean], 1), axis=1)

@@ -162,5 +162,8 @@ def test_bad_inputs_name_the_argument(trained):
                           t["x_overlay"], jax.random.key(0))
   with pytest.raises(ConfigError, match="x_overlay"):
     insp.strip(m, p, s, t["x_clean"], t["x_overlay"][:1], jax.random.key(0))
+  with pytest.raises(ConfigError, match="^x_clean"):
+    insp.strip(m, p, s, np.zeros((4, 9, 9, 1), np.float32), t["x_overlay"],
+               jax.random.key(0))
   with pytest.raises(ConfigError, match="model"):
     insp.strip(object(), p, s, t["x_clean"], t["x_overlay"], jax.random.key(0))
