@@ -77,14 +77,13 @@ def _value(flag: str, value: Any) -> Any:
   return value
 
 
-def settings(values: dict[str, Any], where: str = "") -> dict[str, Any]:
+def settings(values: dict[str, Any]) -> dict[str, Any]:
   """Flag-named, typed settings from flag or nested names; a nested table
   (`{"protocol": {"providers": 16}}`) is flattened."""
   out: dict[str, Any] = {}
   for name, value in values.items():
     if isinstance(value, dict):
-      out.update(settings({f"{name}.{k}": v for k, v in value.items()},
-                          where))
+      out.update(settings({f"{name}.{k}": v for k, v in value.items()}))
       continue
     flag = _flag_of(name)
     out[flag] = _value(flag, value)
