@@ -70,7 +70,7 @@ def evaluate_pairs(result, n: int, alpha: float, ks_margin: float):
     for det in detect.DETECTORS:
       flagged, _, scores = protocol.replay(
           mats, n, det, alpha=alpha, ks_margin=ks_margin,
-          median_distances=result.recorded_median)
+          updates=result.recorded_updates)
       rows.append(dict(metric=metric, detector=det,
                        identified=int(flagged[mal].sum()),
                        malicious=int(mal.sum()),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxrep.config import DetectorConfig
@@ -45,22 +46,35 @@ def medoid(d: np.ndarray, members: np.ndarray) -> int:
 def replay(matrices: list[np.ndarray], n: int, detector: str, *,
            alpha: float = 0.01, ks_margin: float = 10.0,
            krum_f: int | None = None, replica_margin: float | None = None,
-           median_distances: list[np.ndarray] | None = None
+           updates: list[np.ndarray] | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Replays the client's sequential detection on recorded matrices.
 
+  `updates` ([n, P] flattened updates per look, `SimResult.recorded_updates`)
+  is needed by the median baseline only: at each look it measures every
+  provider's distance to the coordinate-wise median of the providers the
+  replayed client still trusts, as the live protocol does.
+
   Returns (flags, flagged_at index of the replicated sub-run or -1, scores).
   """
+  if detector == "median" and (updates is None
+                               or len(updates) < len(matrices)):
+    raise ValueError("replay: the median detector needs the recorded updates "
+                     "of every look (run with record_metrics to keep them)")
   config = DetectorConfig(name=detector, alpha=alpha, ks_margin=ks_margin,
                           krum_f=-1 if krum_f is None else krum_f)
   if replica_margin is not None:
     config = dataclasses.replace(config, replica_margin=replica_margin)
   trust = Trust.everyone(n)
   evidence = detect_lib.Evidence()
+  med = []
   for r, d in enumerate(matrices):
     if trust.active.sum() < 2:
       break
     evidence.add(d, trust.active.copy())
-    med = None if median_distances is None else list(median_distances[:r + 1])
-    trust = detection_step(config, evidence, trust, r, med)
+    if detector == "median":
+      med.append(np.asarray(detect_lib.median_distances(
+          jnp.asarray(updates[r]), jnp.asarray(trust.active))))
+    trust = detection_step(config, evidence, trust, r,
+                           med if detector == "median" else None)
   return trust.flagged_at >= 0, trust.flagged_at, trust.scores

@@ -48,7 +48,8 @@ def initial_state(sim: Simulation) -> ProtocolState:
              if p.recovery == "rollback" else None)
   return ProtocolState(
       client=client, no_defense=client, own=own, trust=Trust.everyone(sim.n),
-      log=EvidenceLog.empty(p.replicated, sim.n, sim.record_metrics),
+      log=EvidenceLog.empty(p.replicated, sim.n, sim.record_metrics,
+                            trees.size(params)),
       progress=Progress(ledger=(None,) * p.num_subruns), history=history)
 
 

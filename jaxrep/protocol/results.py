@@ -39,7 +39,7 @@ class SimResult:
   wall_seconds: float
   notes: list
   recorded: dict = dataclasses.field(default_factory=dict)
-  recorded_median: list = dataclasses.field(default_factory=list)
+  recorded_updates: list = dataclasses.field(default_factory=list)
   reasons: dict = dataclasses.field(default_factory=dict)
   memory: dict = dataclasses.field(default_factory=dict)
   ledger: list = dataclasses.field(default_factory=list)
@@ -192,7 +192,7 @@ def evaluate(sim: Simulation, state: ProtocolState, last_returned,
       replicated_subruns=list(sim.replicated), matrices=list(log.matrices[:r]),
       members=list(log.members[:r]), wall_seconds=wall_seconds, notes=notes,
       recorded={m: list(v[:r]) for m, v in log.recorded.items()},
-      recorded_median=list(log.median_all[:r]),
+      recorded_updates=list(log.updates["rows"][:r]) if log.updates else [],
       reasons=dict(state.progress.reasons),
       memory=memory_report(sim.memory), ledger=list(state.progress.ledger),
       trajectory=list(state.progress.trajectory),

@@ -57,19 +57,26 @@ class Trust:
 class EvidenceLog:
   """Distance matrices of the m replicated sub-runs (filled in order):
   [m, n, n] of the detection metric, the members [m, n] of each, distances to
-  the coordinate-wise median of the members' and of all updates [m, n], and
-  matrices of further metrics recorded for replay."""
+  the coordinate-wise median of the members' updates [m, n], and, recorded
+  for replay, matrices of further metrics and the flattened updates
+  (`updates["rows"]`, [m, n, P]) from which a replayed median baseline
+  computes the median of the providers it still trusts."""
   matrices: np.ndarray
   members: np.ndarray
   median: np.ndarray
-  median_all: np.ndarray
   recorded: dict
+  updates: dict
 
   @classmethod
-  def empty(cls, m: int, n: int, record_metrics=()) -> "EvidenceLog":
+  def empty(cls, m: int, n: int, record_metrics=(),
+            num_params: int = 0) -> "EvidenceLog":
+    """`num_params` > 0 (with record_metrics) also records the updates."""
+    rows = ({"rows": np.zeros((m, n, num_params), np.float32)}
+            if record_metrics and num_params else {})
     return cls(matrices=np.zeros((m, n, n)), members=np.zeros((m, n), bool),
-               median=np.zeros((m, n)), median_all=np.zeros((m, n)),
-               recorded={k: np.zeros((m, n, n)) for k in record_metrics})
+               median=np.zeros((m, n)),
+               recorded={k: np.zeros((m, n, n)) for k in record_metrics},
+               updates=rows)
 
   def evidence(self, count: int) -> detect_lib.Evidence:
     """The evidence of the first `count` replicated sub-runs."""

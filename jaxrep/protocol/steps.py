@@ -140,17 +140,17 @@ def replicated_step(sim: Simulation, state: ProtocolState, s: int,
   for m in recorded:
     recorded[m][r] = d if m == metric else model_distances(
         sim, m, start, returned, key)
-  median, median_all = log.median.copy(), log.median_all.copy()
-  if config.detector.name == "median" or recorded:
+  median, updates = log.median.copy(), dict(log.updates)
+  if config.detector.name == "median" or updates:
     rows = train_lib.flatten_population(distances.updates(start,
                                                          returned.params))
     median[r] = np.asarray(detect_lib.median_distances(
         rows, jnp.asarray(active)))
-    median_all[r] = np.asarray(detect_lib.median_distances(
-        rows, jnp.ones(sim.n, bool)))
+    if updates:
+      updates["rows"] = updates["rows"].copy()
+      updates["rows"][r] = np.asarray(rows)
   log = dataclasses.replace(log, matrices=matrices, members=members,
-                            median=median, median_all=median_all,
-                            recorded=recorded)
+                            median=median, recorded=recorded, updates=updates)
   trust = detection_step(config.detector, log.evidence(r + 1), state.trust, s,
                          list(median[:r + 1]))
   progress = dataclasses.replace(state.progress, replicated_done=r + 1)
