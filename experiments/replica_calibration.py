@@ -9,7 +9,8 @@ nearest-replica ratios the `replica` detector thresholds (jaxrep/detect).
         --seeds=0:10 --malicious=8
 
 Each run appends one JSON line to <out>/runs.jsonl (matrices, members,
-malicious, stacks), so a killed run resumes. The summary prints, per look,
+floors, malicious, stacks), so a killed run resumes. Runs recorded before the
+resolution floor existed have no floors and are summarised with floor 0. The summary prints, per look,
 the largest benign ratio nn_i / s and the smallest malicious one (see
 `jaxrep.detect.detectors.replica_ratios`).
 """
@@ -21,6 +22,7 @@ import os
 import sys
 
 import numpy as np
+from scipy import stats
 from absl import app, flags
 
 import jaxrep
@@ -35,6 +37,8 @@ flags.DEFINE_string("stacks", ",fp32:0.5,tf32:0.25,bf16:0.25",
                     "a leading ',' for the empty (all fp32) profile")
 flags.DEFINE_string("extra", "", "further main-job flags k=v;k=v")
 flags.DEFINE_bool("summary_only", False, "only summarise <out>/runs.jsonl")
+flags.DEFINE_float("margin", None, "also count the looks at which this margin "
+                   "flags an honest provider (default: the detector's)")
 FLAGS = flags.FLAGS
 
 
@@ -75,7 +79,8 @@ def record(out: str) -> None:
              "malicious": np.asarray(res.malicious).tolist(),
              "stacks": list(res.stacks),
              "matrices": [np.asarray(m, float).tolist() for m in res.matrices],
-             "members": [np.asarray(m, bool).tolist() for m in res.members]}
+             "members": [np.asarray(m, bool).tolist() for m in res.members],
+             "floors": list(res.floors)}
       with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
       print(f"recorded stacks={spec!r} seed={seed}", flush=True)
@@ -86,11 +91,12 @@ def summarise(out: str) -> None:
   by = {}
   for r in rows:
     mal = np.asarray(r["malicious"], bool)
+    floors = r.get("floors") or [0.0] * len(r["matrices"])
     for look, (d, mem) in enumerate(zip(r["matrices"], r["members"])):
       d, mem = np.asarray(d), np.asarray(mem, bool)
       if mem.sum() < 2:
         continue
-      ratio = detectors.replica_ratios(d, mem)
+      ratio = detectors.replica_ratios(d, mem, floor=floors[look])
       ben = ratio[mem & ~mal]
       bad = ratio[mem & mal]
       key = (r["stacks_spec"], look)
@@ -107,6 +113,15 @@ def summarise(out: str) -> None:
   allben = np.asarray(allben)
   print(f"looks {allben.size}: benign max-ratio quantiles 50/90/99/max "
         f"{np.nanquantile(allben, [0.5, 0.9, 0.99, 1.0]).round(3).tolist()}")
+  margin = FLAGS.margin or detectors.REPLICA_MARGIN
+  looks = allben[np.isfinite(allben)]
+  bad = int((looks > margin).sum())
+  # One-sided 95 % Clopper-Pearson upper bound of the per-look probability
+  # that an honest provider is flagged (the per-look family-wise error).
+  upper = stats.beta.ppf(0.95, bad + 1, looks.size - bad) if looks.size else 1
+  print(f"margin {margin:g}: looks with an honest provider flagged "
+        f"{bad} of {looks.size}; per-look family-wise error <= "
+        f"{100 * upper:.2f} % (95 % upper bound)")
 
 
 def main(argv):

@@ -9,7 +9,12 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
   nearest other participant; s = the 10th percentile of the participants'
   nn distances (the replica scale of the most reproducible honest stack,
   fp32, while >= 10 % of the participants are honest fp32 providers with
-  a replica); i is flagged when nn_i > margin * s
+  a replica), but never below the metric's float32 resolution (one rounding
+  unit of a typical parameter, `jaxrep.distances.resolution`; the protocol
+  passes it with each look): at a look where bit-identical replicas would
+  make s = 0, e.g. the last sub-run of a cosine schedule where fp32
+  replicas agree bit for bit while tf32/bf16 ones are a few rounding units
+  apart, ratios count rounding units; i is flagged when nn_i > margin * s
   (`replica_margin`). Score: nn_i / s. Why it survives mixed hardware: two
   honest providers on the same numeric stack differ only by reduction order
   (~1e-6 of the update norm on digits), while honest providers on different
@@ -25,8 +30,9 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
   at the look (a lone honest provider of its stack is flagged unless its
   stack is within margin x s of another), and no two
   attackers return near-identical models (colluders sharing one backdoor
-  and its poisoned examples pass; use `cluster`; >= 10 % of participants
-  returning identical models drive s to 0 and get everyone flagged).
+  and its poisoned examples pass; use `cluster`; with a metric whose
+  resolution is unknown (floor 0), >= 10 % of participants returning
+  identical models drive s to 0 and get everyone else flagged).
   margin = 1e5 was chosen on an all-benign calibration setting (digits, 16
   providers, 400 steps, seeds 1000..1009, all fp32 and fp32/tf32/bf16 =
   0.5/0.25/0.25; BUILD_NOTES 'Replica detector'): the largest honest ratio
@@ -113,14 +119,24 @@ class Verdict(NamedTuple):
 
 @dataclasses.dataclass
 class Evidence:
-  """Distance matrices of the replicated sub-runs a set of providers shared."""
+  """Distance matrices of the replicated sub-runs a set of providers shared,
+  and per sub-run the metric's float32 resolution (`floors`, 0.0 when
+  unknown; see `jaxrep.distances.resolution`)."""
   matrices: list[np.ndarray] = dataclasses.field(default_factory=list)
   members: list[np.ndarray] = dataclasses.field(default_factory=list)
+  floors: list[float] = dataclasses.field(default_factory=list)
 
-  def add(self, matrix: np.ndarray, members: np.ndarray) -> None:
-    """Adds one sub-run: `matrix` over all n, `members` who took part."""
+  def add(self, matrix: np.ndarray, members: np.ndarray,
+          floor: float = 0.0) -> None:
+    """Adds one sub-run: `matrix` over all n, `members` who took part, and
+    the distance below which two models differ only by rounding."""
     self.matrices.append(np.asarray(matrix, np.float64))
     self.members.append(np.asarray(members, bool))
+    self.floors.append(float(floor))
+
+  def floor(self, look: int) -> float:
+    """The resolution floor of a look (0.0 if none was given)."""
+    return self.floors[look] if look < len(self.floors) else 0.0
 
 
 def _upper(d: np.ndarray) -> np.ndarray:
@@ -351,13 +367,18 @@ def cluster_detector(evidence: Evidence, n: int, margin: float = 10.0,
 
 
 def replica_ratios(d: np.ndarray, members: np.ndarray,
-                   quantile: float = REPLICA_QUANTILE) -> np.ndarray:
+                   quantile: float = REPLICA_QUANTILE,
+                   floor: float = 0.0) -> np.ndarray:
   """Nearest-replica ratio nn_i / s of every member of one look (0 for
   non-members): nn_i = distance to its nearest other member, s = the
   `quantile` of the members' nn distances (the benign replica scale while
-  at least that share of members has an honest replica). When that many
-  members have a bit-identical replica, s = 0 and any member without one
-  gets a huge ratio: without benign divergence every deviation is one."""
+  at least that share of members has an honest replica), but never below
+  `floor`, the metric's float32 resolution: when that many members have a
+  bit-identical replica (no benign divergence, or a learning rate so small
+  that updates vanish below a rounding unit) the scale is the resolution,
+  and a member's ratio says how many rounding units it is from its nearest
+  replica. With floor 0 (unknown resolution) such a look has s = 0 and any
+  member without a bit-identical replica gets a huge ratio."""
   n = d.shape[0]
   idx = np.flatnonzero(members)
   ratio = np.zeros(n)
@@ -369,7 +390,8 @@ def replica_ratios(d: np.ndarray, members: np.ndarray,
   finite = nn[np.isfinite(nn)]
   if finite.size == 0:
     return ratio
-  s = max(float(np.quantile(finite, quantile)), np.finfo(float).tiny)
+  s = max(float(np.quantile(finite, quantile)), float(floor),
+          np.finfo(float).tiny)
   ratio[idx] = np.minimum(nn / s, np.finfo(float).max)
   return ratio
 
@@ -389,7 +411,8 @@ def replica_detector(evidence: Evidence, n: int, margin: float,
   if not evidence.matrices:
     return Verdict(scores=score, flags=np.zeros(n, bool))
   members = evidence.members[-1]
-  score = replica_ratios(evidence.matrices[-1], members, quantile)
+  score = replica_ratios(evidence.matrices[-1], members, quantile,
+                         evidence.floor(len(evidence.matrices) - 1))
   flags = score > margin
   if flags.sum() > members.sum() // 2:
     flags = np.zeros(n, bool)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -57,3 +59,37 @@ def model_distances(metric: str, apply_fn: Callable, start_params, params,
     d = zest_distances(apply_fn, params, model_state,
                        probe_x[:ZEST_REFERENCES], key, mesh=mesh)
   return np.asarray(to_host(d), np.float64)
+
+
+# Metrics whose float32 resolution `resolution` knows.
+RESOLVED_METRICS = ("l2", "l1", "linf")
+
+
+def resolution(metric: str, params) -> float:
+  """The float32 resolution of `metric` between the models `params` (leaves
+  [n, ...]): one rounding unit of a typical coordinate, eps32 x the median
+  over providers of the root-mean-square parameter (a single coordinate
+  that differs by d is at distance d in l1, l2 and l-inf alike). Replicas
+  that differ only by rounding are a few such units apart, or 0 when bit-
+  identical; the replica detector never takes a benign scale below it. 0.0
+  for the metrics it does not know (cosine and the function-space metrics),
+  which keeps their scale purely empirical."""
+  require(metric in METRICS, "metric",
+          f"must be one of {METRICS}; got {metric!r}")
+  if metric not in RESOLVED_METRICS:
+    return 0.0
+  leaves = jax.tree_util.tree_leaves(params)
+  squares = np.sum([_sum_squares(l) for l in leaves], axis=0)
+  count = sum(int(np.prod(l.shape[1:])) for l in leaves)
+  rms = np.sqrt(squares / max(count, 1))
+  return float(np.finfo(np.float32).eps * np.median(rms))
+
+
+@jax.jit
+def _per_provider(leaf):
+  a = leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)
+  return jnp.sum(a * a, axis=1)
+
+
+def _sum_squares(leaf) -> np.ndarray:
+  return np.asarray(to_host(_per_provider(leaf)), np.float64)

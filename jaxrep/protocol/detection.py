@@ -46,12 +46,16 @@ def medoid(d: np.ndarray, members: np.ndarray) -> int:
 def replay(matrices: list[np.ndarray], n: int, detector: str, *,
            alpha: float = 0.01, ks_margin: float = 10.0,
            krum_f: int | None = None, replica_margin: float | None = None,
-           updates: list[np.ndarray] | None = None
+           updates: list[np.ndarray] | None = None,
+           floors: list[float] | None = None
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Replays the client's sequential detection on recorded matrices.
 
   `updates` ([n, P] flattened updates per look, `SimResult.recorded_updates`)
-  is needed by the median baseline only: at each look it measures every
+  `floors` (`SimResult.floors`) are the detection metric's resolution per
+  look, which the replica detector uses as its smallest scale; they belong
+  to the run's own metric (other recorded metrics replay with 0.0).
+  `updates` is needed by the median baseline only: at each look it measures every
   provider's distance to the coordinate-wise median of the providers the
   replayed client still trusts, as the live protocol does.
 
@@ -71,7 +75,8 @@ def replay(matrices: list[np.ndarray], n: int, detector: str, *,
   for r, d in enumerate(matrices):
     if trust.active.sum() < 2:
       break
-    evidence.add(d, trust.active.copy())
+    evidence.add(d, trust.active.copy(),
+                 0.0 if floors is None else floors[r])
     if detector == "median":
       med.append(np.asarray(detect_lib.median_distances(
           jnp.asarray(updates[r]), jnp.asarray(trust.active))))

@@ -40,6 +40,7 @@ class SimResult:
   notes: list
   recorded: dict = dataclasses.field(default_factory=dict)
   recorded_updates: list = dataclasses.field(default_factory=list)
+  floors: list = dataclasses.field(default_factory=list)  # per look
   reasons: dict = dataclasses.field(default_factory=dict)
   memory: dict = dataclasses.field(default_factory=dict)
   ledger: list = dataclasses.field(default_factory=list)
@@ -193,6 +194,7 @@ def evaluate(sim: Simulation, state: ProtocolState, last_returned,
       members=list(log.members[:r]), wall_seconds=wall_seconds, notes=notes,
       recorded={m: list(v[:r]) for m, v in log.recorded.items()},
       recorded_updates=list(log.updates["rows"][:r]) if log.updates else [],
+      floors=[float(f) for f in log.floors[:r]],
       reasons=dict(state.progress.reasons),
       memory=memory_report(sim.memory), ledger=list(state.progress.ledger),
       trajectory=list(state.progress.trajectory),

@@ -56,7 +56,8 @@ class Trust:
 @dataclasses.dataclass(frozen=True)
 class EvidenceLog:
   """Distance matrices of the m replicated sub-runs (filled in order):
-  [m, n, n] of the detection metric, the members [m, n] of each, distances to
+  [m, n, n] of the detection metric, the members [m, n] of each, the
+  metric's float32 resolution at each [m] (`floors`), distances to
   the coordinate-wise median of the members' updates [m, n], and, recorded
   for replay, matrices of further metrics and the flattened updates
   (`updates["rows"]`, [m, n, P]) from which a replayed median baseline
@@ -66,6 +67,7 @@ class EvidenceLog:
   median: np.ndarray
   recorded: dict
   updates: dict
+  floors: np.ndarray
 
   @classmethod
   def empty(cls, m: int, n: int, record_metrics=(),
@@ -76,12 +78,13 @@ class EvidenceLog:
     return cls(matrices=np.zeros((m, n, n)), members=np.zeros((m, n), bool),
                median=np.zeros((m, n)),
                recorded={k: np.zeros((m, n, n)) for k in record_metrics},
-               updates=rows)
+               updates=rows, floors=np.zeros(m))
 
   def evidence(self, count: int) -> detect_lib.Evidence:
     """The evidence of the first `count` replicated sub-runs."""
     return detect_lib.Evidence(list(self.matrices[:count]),
-                               list(self.members[:count]))
+                               list(self.members[:count]),
+                               [float(f) for f in self.floors[:count]])
 
 
 @dataclasses.dataclass(frozen=True)

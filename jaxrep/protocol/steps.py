@@ -136,6 +136,8 @@ def replicated_step(sim: Simulation, state: ProtocolState, s: int,
   d = model_distances(sim, metric, start, returned, key)
   matrices, members = log.matrices.copy(), log.members.copy()
   matrices[r], members[r] = d, active
+  floors = log.floors.copy()
+  floors[r] = distances.resolution(metric, returned.params)
   recorded = {m: v.copy() for m, v in log.recorded.items()}
   for m in recorded:
     recorded[m][r] = d if m == metric else model_distances(
@@ -150,7 +152,8 @@ def replicated_step(sim: Simulation, state: ProtocolState, s: int,
       updates["rows"] = updates["rows"].copy()
       updates["rows"][r] = np.asarray(rows)
   log = dataclasses.replace(log, matrices=matrices, members=members,
-                            median=median, recorded=recorded, updates=updates)
+                            median=median, recorded=recorded, updates=updates,
+                            floors=floors)
   trust = detection_step(config.detector, log.evidence(r + 1), state.trust, s,
                          list(median[:r + 1]))
   progress = dataclasses.replace(state.progress, replicated_done=r + 1)

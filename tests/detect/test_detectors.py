@@ -302,6 +302,35 @@ def test_replica_judges_the_last_look_and_bit_identical_pairs():
     detect.detect("replica", ev, 8, replica_margin=0.5)
 
 
+def test_replica_scale_never_falls_below_the_metric_resolution():
+  # The last sub-run of a cosine schedule on mixed stacks (measured on
+  # held-out seeds 2015 and 2017): the 8 fp32 replicas are bit-identical,
+  # so the 10th percentile of the nearest-replica distances is 0, and the
+  # 8 tf32/bf16 replicas, a few rounding units apart, get ratios ~1e299:
+  # exactly half, so the honest-half guard does not stop them.
+  rng = np.random.default_rng(16)
+  floor = 1e-7                              # eps32 x the parameter norm
+  stacks = [0] * 8 + [1] * 4 + [2] * 4
+  d = _stacks_population(rng, stacks, np.zeros(16, bool), benign=floor,
+                         cross=3 * floor)
+  d[:8, :8] = 0.0
+  assert detect.detect("replica", _one_look(d), 16).flags.sum() == 8
+  ev = detect.Evidence()
+  ev.add(d, np.ones(16, bool), floor)
+  assert ev.floor(0) == floor and ev.floor(1) == 0.0
+  v = detect.detect("replica", ev, 16)
+  assert not v.flags.any(), v.scores
+  assert v.scores.max() < 10
+  # Without benign divergence (every honest replica bit-identical) a
+  # backdoor is still a deviation of ~1e7 rounding units: flagged.
+  mal = np.zeros(8, bool)
+  mal[[2, 6]] = True
+  d = _stacks_population(rng, [0] * 8, mal, benign=0.0)
+  ev = detect.Evidence()
+  ev.add(d, np.ones(8, bool), floor)
+  np.testing.assert_array_equal(detect.detect("replica", ev, 8).flags, mal)
+
+
 def test_replica_look_flagging_more_than_half_flags_no_one():
   # The last sub-run of a cosine schedule (learning rate ~0): 2 honest
   # replicas bit-identical, the others a few ulps apart -> ratios ~inf for

@@ -176,3 +176,18 @@ def test_updates_broadcasts_start():
                                 [[0, 0, 0], [3, 3, 3]])
   np.testing.assert_array_equal(distances.updates(end, end)["w"],
                                 np.zeros((2, 3)))
+
+
+def test_resolution_is_eps32_times_the_median_rms_parameter():
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(5, 3, 4)).astype(np.float32),
+            "b": rng.normal(size=(5, 4)).astype(np.float32)}
+  flat = np.concatenate([params["w"].reshape(5, -1), params["b"]], axis=1)
+  eps = np.finfo(np.float32).eps
+  want = eps * np.median(np.sqrt((flat.astype(np.float64) ** 2).mean(1)))
+  for metric in ("l2", "l1", "linf"):
+    np.testing.assert_allclose(distances.resolution(metric, params), want,
+                               rtol=1e-5)
+  assert distances.resolution("cosine", params) == 0.0
+  with pytest.raises(ConfigError, match="metric"):
+    distances.resolution("nope", params)
