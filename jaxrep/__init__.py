@@ -21,9 +21,10 @@ from jaxrep.data import Dataset, load_dataset
 from jaxrep.models import (IMAGE_MODELS, MODELS, TEXT_MODELS, Model, get_model,
                            num_params)
 from jaxrep.population import (ATTACKS, IMAGE, TEXT, BadNets, Behaviour, Blend,
-                               Divergence, DivergenceConfig, Family, Hooks,
-                               LabelFlip, PhraseTrigger, Scaling, TokenTrigger,
-                               Warp, make_divergence)
+                               DataOrder, Divergence, DivergenceConfig, Family,
+                               Hooks, KeyedNoise, LabelFlip, PhraseTrigger,
+                               Scaling, SecretKey, TokenTrigger, Warp,
+                               make_divergence)
 from jaxrep.train import (Population, TrainConfig, Trainer, batch_schedule,
                           evaluate, flatten_population, make_optimizer,
                           make_trainer, provider_keys)

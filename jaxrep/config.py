@@ -70,17 +70,24 @@ class AttackConfig:
   """Who attacks and how; `options` holds the chosen attack's own knobs
   (flag name -> value), declared and checked by its family."""
   name: str = field(AUTO, "auto (badnets for images, token for text); "
-                    "images: badnets, blend, label_flip, scaling or warp; "
+                    "images: badnets, blend, label_flip, scaling, warp, "
+                    "keyed_noise (low-amplitude keyed noise trigger, "
+                    "poisoned), secret_key (honest training, then hidden "
+                    "units keyed to a secret perturbation planted into the "
+                    "returned MLP) or data_order (the client's examples "
+                    "reordered, target class last; nothing poisoned); "
                     "text: token (rare-word trigger inserted at a random "
                     "place), phrase (a phrase of common words inserted at "
-                    "the start) or label_flip", flag="attack",
+                    "the start), label_flip or data_order", flag="attack",
                     check=V.text("an attack name"))
   malicious: int = field(8, "how many of them plant a backdoor",
                          check=V.integer(0))
   poison_rate: float = field(
       -1.0, "share of each batch a malicious provider poisons (label_flip: "
-      "share of the batch's source-class examples it relabels); -1: the "
-      "attack's own default (0.1; label_flip 1.0)",
+      "share of the batch's source-class examples it relabels; data_order: "
+      "share of the sub-run's target-class examples it moves to the end); "
+      "-1: the attack's own default (0.1; label_flip and data_order 1.0; "
+      "secret_key 0: it poisons nothing)",
       check=lambda v: None if (V.is_real(v) and (v == -1 or 0 <= v <= 1))
       else f"must be -1 (the attack's default) or in [0, 1], got {v!r}")
   target_label: int = field(-1, "backdoor target; -1: each malicious "

@@ -14,6 +14,12 @@ JAX keys (from `root(seed)` = `jax.random.key(seed)`):
   poison_pick     fold_in(key, 0x9C1)        which examples of a batch an
                                              attacker poisons (key: its own
                                              attack key at that step)
+  reorder         fold_in(key, 0xDE7)        a data_order attacker's order of
+                                             a sub-run's examples (key: its
+                                             own sub-run key)
+  plant           fold_in(key(0x5EC), seed)  which hidden units a secret_key
+                                             attacker plants (seed: drawn
+                                             from its `trigger` stream)
   crew            fold_in(key(0xC0), digest)  colluders' shared attack key
                                              at a step (digest: of the
                                              batch they all receive)
@@ -58,6 +64,8 @@ DISTANCE = 2000
 RETURN_NOISE = 0xD15
 POISON_PICK = 0x9C1
 CREW = 0xC0
+REORDER = 0xDE7
+PLANT = 0x5EC
 
 
 def root(seed: int) -> jax.Array:
@@ -91,6 +99,18 @@ def poison_pick(key: jax.Array) -> jax.Array:
   """Key of an attacker's choice of poisoned examples, from the attack key
   of ONE provider at one step (so every attacker chooses independently)."""
   return jax.random.fold_in(key, POISON_PICK)
+
+
+def reorder(key: jax.Array) -> jax.Array:
+  """Key of a data-ordering attacker's order of a sub-run's examples, from
+  its own sub-run key."""
+  return jax.random.fold_in(key, REORDER)
+
+
+def plant(seed: jax.Array) -> jax.Array:
+  """Key of a secret-key attacker's choice of hidden units (seed: an integer
+  it drew from its own `trigger` stream)."""
+  return jax.random.fold_in(jax.random.key(PLANT), seed)
 
 
 def crew(digest: jax.Array) -> jax.Array:

@@ -3,14 +3,16 @@
 Modules, each importing only those above it:
 
   specs             attack specs: the fields every attack has, their flags
-                    (`Knob`) and checks, `LabelFlip`, drawing a population's
-                    specs (own target, source and trigger per attacker)
+                    (`Knob`) and checks, `LabelFlip`, `DataOrder`, drawing
+                    a population's specs (own target, source and trigger
+                    per attacker)
   behaviour         `Behaviour` (per-provider arrays), the trainer `Hooks`,
                     poisoning, model replacement and ASR, written once
   family            `Family`: the attacks of one modality behind one
                     interface (specs, behaviour, hooks, trigger, ASR)
-  families/image    BadNets, blend, label_flip, scaling, warp: `IMAGE`
-  families/text     token and phrase triggers, label_flip: `TEXT`
+  families/image    BadNets, blend, label_flip, scaling, warp, keyed_noise,
+                    secret_key, data_order: `IMAGE`
+  families/text     token and phrase triggers, label_flip, data_order: `TEXT`
   adaptive          adaptive attackers wrapping any family's behaviour
   divergence        benign divergence of honest replicas
   build             the protocol's entry: the main job's attack options and
@@ -27,9 +29,10 @@ from jaxrep.population.build import (ATTACKS, DEFAULT_ATTACK, FAMILIES,
 from jaxrep.population.divergence import (Divergence, DivergenceConfig,
                                           make_divergence)
 from jaxrep.population.families.image import (IMAGE, BadNets, Blend,
-                                              ImageTrigger, Scaling, Warp)
+                                              ImageTrigger, KeyedNoise,
+                                              Scaling, SecretKey, Warp)
 from jaxrep.population.families.text import (TEXT, PhraseTrigger,
                                              TextTrigger, TokenTrigger)
 from jaxrep.population.family import Family
-from jaxrep.population.specs import (AttackSpec, Inputs, Knob, LabelFlip,
-                                     Option)
+from jaxrep.population.specs import (AttackSpec, DataOrder, Inputs, Knob,
+                                     LabelFlip, Option)

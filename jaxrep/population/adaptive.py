@@ -267,8 +267,8 @@ def crew_key(x, y) -> jax.Array:
 def make_hooks(behaviour: Adaptive) -> Hooks:
   """Trainer hooks for an `Adaptive` population.
 
-  Poisoning and model replacement are those of the base's family (on the
-  base); providers with a return mode get a clean-twin cohort of exactly
+  Poisoning, model replacement, planting and data ordering are those of the
+  base's family (on the base); providers with a return mode get a clean-twin cohort of exactly
   their number (0: no twin compiled in).
   """
   base = behaviour.base
@@ -281,12 +281,23 @@ def make_hooks(behaviour: Adaptive) -> Hooks:
         jax.random.key_data(key)))
     return plain.poison_batch(b.base, key, x, y)
 
+  reorder = None
+  if plain.reorder is not None:
+    def reorder(b, key, schedule, y_train):
+      # Colluders agree on the order too: a key from the sub-run's schedule.
+      crew = crew_key(schedule, y_train[schedule])
+      key = jax.random.wrap_key_data(jnp.where(
+          b.tag == TAG["collusion"], jax.random.key_data(crew),
+          jax.random.key_data(key)))
+      return plain.reorder(b.base, key, schedule, y_train)
+
   return Hooks(
       poison_batch=poison_batch,
       finalize=lambda b, s, e: plain.finalize(b.base, s, e),
       twin_size=twins,
       needs_twin=lambda b: b.mode != MODE["none"],
-      finalize_twin=shape_return)
+      finalize_twin=shape_return,
+      reorder=reorder)
 
 
 # ----------------------------------------------------------------------------
@@ -324,15 +335,17 @@ def poison_plan(behaviour: Adaptive, num_subruns: int, seed: int, *,
 def subrun_behaviour(plan: np.ndarray) -> Callable[[Adaptive, int], Adaptive]:
   """`behaviour_for_subrun` for `protocol.run` from a poison plan.
 
-  In sub-run s, providers with plan[i, s] False are benign: poison rate 0,
-  update scale 1 and no return shaping; shapes are unchanged.
+  In sub-run s, providers with plan[i, s] False are benign: kind 0 (no
+  reordering, no planted key), poison rate 0, update scale 1 and no return
+  shaping; shapes are unchanged.
   """
   plan = np.asarray(plan, bool)
 
   def for_subrun(b: Adaptive, s: int) -> Adaptive:
     on = jnp.asarray(plan[:, s])
     base = dataclasses.replace(
-        b.base, poison_rate=jnp.where(on, b.base.poison_rate, 0.0),
+        b.base, kind=jnp.where(on, b.base.kind, 0),
+        poison_rate=jnp.where(on, b.base.poison_rate, 0.0),
         scale=jnp.where(on, b.base.scale, 1.0))
     return b._replace(base=base, mode=jnp.where(on, b.mode, MODE["none"]))
   return for_subrun

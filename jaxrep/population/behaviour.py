@@ -36,6 +36,12 @@ class Hooks(NamedTuple):
   finalize(behaviour, start_params, end_params) -> params: what the provider
     returns at the end of the sub-run (e.g. model replacement scales the
     sub-run's update).
+  reorder(behaviour, key, schedule, y_train) -> schedule, or None: the
+    order in which the provider takes the sub-run's examples (int32 [k, B]
+    indices into the training set; `key` is its sub-run key). None (default)
+    compiles none of it in: every provider takes the client's schedule,
+    gathered once for all; otherwise each provider's batches are gathered
+    from its own schedule (a gather per provider and step).
   All receive ONE provider's behaviour (vmapped); benign behaviour must leave
   their inputs unchanged.
 
@@ -57,12 +63,13 @@ class Hooks(NamedTuple):
   needs_twin: Callable = lambda behaviour: jnp.zeros(
       jax.tree_util.tree_leaves(behaviour)[0].shape[:1], bool)
   finalize_twin: Callable = lambda behaviour, key, start, end, clean_end: end
+  reorder: Callable | None = None
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=("kind", "poison_rate", "target", "source", "scale",
-                 "trigger"),
+                 "order", "trigger"),
     meta_fields=("family",))
 @dataclasses.dataclass(frozen=True, eq=False)
 class Behaviour:
@@ -71,10 +78,14 @@ class Behaviour:
   Attributes:
     kind: int32, 0 = benign, k > 0 = the family's k-th attack.
     poison_rate: float32 in [0, 1], the share of each batch's eligible
-      examples poisoned (label_flip: of its source-class examples).
+      examples poisoned (label_flip: of its source-class examples;
+      data_order: the share of a sub-run's slots whose examples it
+      rearranges, poisoning nothing).
     target: int32 target label.
     source: int32 source class of label_flip, else -1.
     scale: float32 factor on the returned update (1 = none).
+    order: int32 data_order mode: 0 = the client's order, k > 0 =
+      `specs.ORDERS[k - 1]` (see `reorder`).
     trigger: the family's trigger arrays (a pytree, leading axis [n]).
     family: the `Family` that built it (static).
   """
@@ -83,6 +94,7 @@ class Behaviour:
   target: jax.Array
   source: jax.Array
   scale: jax.Array
+  order: jax.Array
   trigger: Any
   family: Any = dataclasses.field(repr=False)
 
@@ -129,10 +141,11 @@ def poison_batch(trigger: Trigger, b: Behaviour, key, x, y):
   step from the provider's own key (`rng.poison_pick`), so two attackers
   with the same trigger, target and rate poison different examples. Trigger
   attacks put the trigger into them and relabel them to the target;
-  label_flip only relabels them.
+  label_flip only relabels them; data_order poisons nothing (it reorders,
+  `reorder`).
   """
   flip = b.is_attack("label_flip")
-  eligible = jnp.where(flip, y == b.source, True)
+  eligible = jnp.where(flip, y == b.source, ~b.is_attack("data_order"))
   count = jnp.round(b.poison_rate * jnp.sum(eligible))
   # Uniformly random order of the eligible examples (the others last).
   u = jax.random.uniform(rng_lib.poison_pick(key), y.shape)
@@ -150,12 +163,62 @@ def finalize(b: Behaviour, start_params, end_params):
                                 start_params, end_params)
 
 
-def make_hooks(trigger: Trigger, behaviour: Behaviour) -> Hooks:
+def reorder(b: Behaviour, key, schedule, y_train):
+  """A data_order provider's order of a sub-run's examples (one provider).
+
+  Of the sub-run's K = k x B slots (`schedule`, int32 [k, B] example
+  indices), it picks round(poison_rate x K) uniformly at random from its own
+  key and rearranges their examples among those same slots (in slot order):
+  by_class (order 1) sorts them by class, the classes in a random order of
+  its own with the target class last, each class in a random order;
+  target_last (order 2) keeps the others in their order and puts the
+  target-class ones last, in a random order. The other slots keep their
+  example. The result is a permutation of `schedule` (the same examples,
+  labels untouched); a provider with order 0 gets `schedule` back.
+  """
+  k, batch = schedule.shape
+  flat = schedule.reshape(-1)
+  total = flat.shape[0]
+  labels = y_train[flat]
+  k_pick, k_tie, k_class = jax.random.split(rng_lib.reorder(key), 3)
+  on = b.is_attack("data_order") & (b.order > 0)
+  count = jnp.where(on, jnp.round(b.poison_rate * total), 0)
+  picked = jnp.argsort(jnp.argsort(jax.random.uniform(k_pick, (total,)))
+                       ) < count
+  tie = jax.random.uniform(k_tie, (total,))
+  is_target = labels == b.target
+  # by_class: each class's own uniform value (same key, folded by the label)
+  # orders the classes; the target class comes last.
+  class_rank = jax.vmap(lambda c: jax.random.uniform(
+      jax.random.fold_in(k_class, c)))(labels)
+  by_class = jnp.where(is_target, 2.0, class_rank)
+  target_last = jnp.where(is_target, 1.0, 0.0)
+  primary = jnp.where(b.order == 1, by_class, target_last)
+  secondary = jnp.where((b.order == 2) & ~is_target,
+                        jnp.arange(total, dtype=jnp.float32), tie)
+  primary = jnp.where(picked, primary, jnp.inf)
+  examples = jnp.lexsort((secondary, primary))   # picked ones first, ordered
+  slots = jnp.argsort(jnp.where(picked, jnp.arange(total), total))
+  put = jnp.where(jnp.arange(total) < count, slots, total)
+  out = flat.at[put].set(flat[examples], mode="drop")
+  return out.reshape(k, batch)
+
+
+def make_hooks(trigger: Trigger, behaviour: Behaviour,
+               plant: Callable | None = None) -> Hooks:
   """Hooks for `train.make_trainer`; model replacement only if some provider
-  uses it."""
+  uses it, data ordering only if some provider reorders, and `plant(b,
+  params) -> params` (a family's post-training change of the returned model,
+  e.g. a planted secret key) applied after model replacement if given."""
   use_scale = bool(np.any(np.asarray(behaviour.scale) != 1.0))
+  use_order = bool(np.any(np.asarray(behaviour.is_attack("data_order"))
+                          & (np.asarray(behaviour.order) > 0)))
+  end = finalize if use_scale else Hooks().finalize
+  if plant is not None:
+    scaled = end
+    end = lambda b, start, stop: plant(b, scaled(b, start, stop))
   return Hooks(poison_batch=functools.partial(poison_batch, trigger),
-               finalize=finalize if use_scale else Hooks().finalize)
+               finalize=end, reorder=reorder if use_order else None)
 
 
 # ----------------------------------------------------------------------------
@@ -171,8 +234,11 @@ def attack_success_rate(trigger: Trigger, model, params, model_state,
   target that the model classifies as the target (random parts of a trigger,
   e.g. a text trigger's position, come from the `text_asr` stream of `seed`
   and the batch, so the result is deterministic). label_flip: share of clean
-  test inputs of class `source` classified as the target. Benign providers
-  are measured with their reference trigger (the base rate).
+  test inputs of class `source` classified as the target. data_order (no
+  trigger: its trigger function leaves inputs unchanged): share of clean
+  test inputs whose true class is not the target classified as the target.
+  Benign providers are measured with their reference trigger (the base
+  rate).
   """
   x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
   hits = jnp.zeros(behaviour.size)

@@ -88,12 +88,31 @@ def attack_specs(config, num_classes: int, input_shape,
   return specs
 
 
+# Attacks that plant their backdoor into the model a provider returns (they
+# fit it to the training inputs), and the models they can plant into.
+PLANTED_MODELS = {"secret_key": ("mlp",)}
+
+
 def make_behaviour(config, ds):
-  """The per-provider behaviour of a resolved config on its dataset."""
+  """The per-provider behaviour of a resolved config on its dataset; an
+  attack that fits its trigger to the data (secret_key) sees the training
+  inputs the providers train on (not the client's held-out probes)."""
   vocab_size = len(ds.vocab) if ds.vocab else None
+  models = PLANTED_MODELS.get(config.attack.name)
+  if models is not None and config.attack.malicious > 0:
+    require(config.model.name in models, "model",
+            f"attack {config.attack.name} plants its backdoor into the "
+            f"hidden units of an MLP; model {config.model.name} is not "
+            f"supported (use --model={' or '.join(models)})")
   specs = attack_specs(config, ds.num_classes, ds.input_shape, vocab_size)
+  data = None
+  if models is not None:
+    train_examples, _ = ds.probe_split(config.detector.probe_size,
+                                       config.training.batch_size)
+    data = ds.x_train[:train_examples]
   return FAMILIES[ds.modality].make_behaviour(
-      specs, ds.input_shape, ds.num_classes, vocab_size, seed=config.seed)
+      specs, ds.input_shape, ds.num_classes, vocab_size, seed=config.seed,
+      data=data)
 
 
 def family(modality: str) -> Family:

@@ -40,12 +40,17 @@ class Family:
       provider attacks.
     check_inputs(inputs): raises ConfigError if the family cannot attack
       such inputs.
-    build_triggers(specs, inputs, rngs) -> the `Behaviour.trigger` arrays of
-      providers running `specs` (one per provider, none None), each drawing
-      its random parts from its own stream in `rngs`.
+    build_triggers(specs, inputs, rngs, data=None) -> the `Behaviour.trigger`
+      arrays of providers running `specs` (one per provider, none None), each
+      drawing its random parts from its own stream in `rngs` (`data`: the
+      training inputs, for attacks that need them).
     apply_trigger(b, key, x) -> x: a batch with ONE provider's trigger.
     trigger_for(behaviour) -> apply_trigger without the parts nobody in the
       population uses (a module function, so compiled code is reused).
+    plant_for(behaviour) -> plant(b, params) -> params, a change of the
+      model a provider returns after its training (e.g. the secret-key
+      backdoor of `families.image`), or None when nobody in the population
+      makes one (nothing is compiled in).
   """
   modality: str
   specs: tuple[type, ...]
@@ -54,6 +59,7 @@ class Family:
   build_triggers: Callable[..., Any]
   apply_trigger: behaviour_lib.Trigger
   trigger_for: Callable[[Behaviour], behaviour_lib.Trigger]
+  plant_for: Callable[[Behaviour], Callable | None] = lambda behaviour: None
 
   @property
   def attacks(self) -> tuple[str, ...]:
@@ -98,14 +104,16 @@ class Family:
 
   def make_behaviour(self, specs: Sequence[AttackSpec | None], input_shape,
                      num_classes: int, vocab_size: int | None = None, *,
-                     seed: int = 0, reference: AttackSpec | None = None
-                     ) -> Behaviour:
+                     seed: int = 0, reference: AttackSpec | None = None,
+                     data=None) -> Behaviour:
     """Stacks per-provider attack specs (None = benign) into a Behaviour.
 
     Random parts of provider i's trigger come from the `trigger` stream of
     (seed, i), so each provider has its own trigger and the result is
     reproducible. Benign providers carry the `reference` trigger (default:
-    the first malicious provider's spec, else the family's).
+    the first malicious provider's spec, else the family's). `data`: the
+    training inputs the providers train on (an attack that fits its trigger
+    to the data, e.g. secret_key, needs them; the others ignore them).
     """
     require(len(specs) >= 1, "providers", "need at least one provider")
     for spec in specs:
@@ -116,17 +124,20 @@ class Family:
     self.validate_spec(reference, input_shape, num_classes, vocab_size)
     worn = [reference if s is None else s for s in specs]
     columns = zip(*(_common_fields(self, s, w) for s, w in zip(specs, worn)))
-    kind, target, source, poison_rate, scale = map(np.asarray, columns)
+    kind, target, source, poison_rate, scale, order = map(np.asarray,
+                                                          columns)
     inputs = Inputs(tuple(int(s) for s in input_shape), num_classes,
                     vocab_size)
     trigger = self.build_triggers(
-        worn, inputs, [rng_lib.trigger(seed, i) for i in range(len(specs))])
+        worn, inputs, [rng_lib.trigger(seed, i) for i in range(len(specs))],
+        data=data)
     return Behaviour(
         kind=jnp.asarray(kind, jnp.int32),
         poison_rate=jnp.asarray(poison_rate, jnp.float32),
         target=jnp.asarray(target, jnp.int32),
         source=jnp.asarray(source, jnp.int32),
-        scale=jnp.asarray(scale, jnp.float32), trigger=trigger, family=self)
+        scale=jnp.asarray(scale, jnp.float32),
+        order=jnp.asarray(order, jnp.int32), trigger=trigger, family=self)
 
   def benign(self, n: int, input_shape, num_classes: int,
              vocab_size: int | None = None, **kwargs) -> Behaviour:
@@ -135,7 +146,8 @@ class Family:
 
   def make_hooks(self, behaviour: Behaviour) -> Hooks:
     """Hooks for `train.make_trainer`, compiling in only what is used."""
-    return behaviour_lib.make_hooks(self.trigger_for(behaviour), behaviour)
+    return behaviour_lib.make_hooks(self.trigger_for(behaviour), behaviour,
+                                    self.plant_for(behaviour))
 
   def attack_success_rate(self, model, params, model_state, behaviour,
                           x_test, y_test, **kwargs) -> np.ndarray:
@@ -150,11 +162,11 @@ class Family:
 
 def _common_fields(family: Family, spec: AttackSpec | None,
                    worn: AttackSpec) -> tuple:
-  """(kind, target, source, poison_rate, scale) of one provider running
-  `spec` (None: benign, wearing the reference trigger `worn`)."""
+  """(kind, target, source, poison_rate, scale, order) of one provider
+  running `spec` (None: benign, wearing the reference trigger `worn`)."""
   source = worn.source if isinstance(worn, LabelFlip) else -1
   if spec is None:
-    return 0, worn.target, source, 0.0, 1.0
+    return 0, worn.target, source, 0.0, 1.0, 0
   return (family.kind(spec.name), spec.target, source, spec.poison_rate,
-          specs_lib.update_scale(spec))
+          specs_lib.update_scale(spec), specs_lib.order_code(spec))
 

@@ -15,8 +15,9 @@ metadata (`field`):
 * `shared_seed`: without own backdoors, the field takes the population's
   seed, so every attacker draws the same trigger.
 
-`LabelFlip` (relabelling, no trigger) is the attack of every modality and
-lives here; the others live in their family (`population.families`).
+`LabelFlip` (relabelling, no trigger) and `DataOrder` (reordering the
+client's examples, nothing poisoned) are attacks of every modality and live
+here; the others live in their family (`population.families`).
 `draw_specs` makes a population's specs: which providers are malicious
 comes from the `malicious_ids` stream of `core.rng`, each malicious
 provider's own target (and source) from the `attack_draws` stream.
@@ -138,6 +139,55 @@ class LabelFlip(AttackSpec):
     check_label(self, "source", inputs.num_classes)
     require(self.source != self.target, f"{self.name}.source",
             f"source and target must differ, both are {self.source}")
+
+
+ORDERS = ("by_class", "target_last")
+ORDER_MODE = Knob("order_mode", "by_class", "data_order: by_class (the "
+                  "sub-run's examples grouped by class, in a class order of "
+                  "the provider's own, the target class last) or "
+                  "target_last (only the target-class examples moved to "
+                  "the end)", V.one_of(ORDERS))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataOrder(AttackSpec):
+  """Data-ordering attack (Shumailov et al. 2021, batch reordering and
+  reshuffling): the provider trains on exactly the client's examples of the
+  sub-run, with their true labels, and changes only the ORDER in which it
+  takes them, within and across the sub-run's batches.
+
+  It rearranges the examples of a share `poison_rate` (default 1.0: all) of
+  the sub-run's K = k x B slots (a random choice of its own; the other
+  examples stay where they are) in the slots they leave, in the order of
+  `order`:
+    by_class: grouped by class, the classes in a random order of its own
+      and the target class last; within a class in a random order. Whole
+      batches of one class: an availability attack (the model forgets) with
+      a lean towards the classes seen last.
+    target_last: the others in the client's order, then the target-class
+      examples (in a random order); the model it returns has just seen a
+      run of target-class batches.
+  Nothing is poisoned or relabelled: per sub-run, the multiset of (x, y) it
+  trains on is the benign one. Its ASR is the share of clean test inputs
+  whose true class is not the target classified as the target (a targeted
+  lean, not a trigger; expected to be far below a trigger attack's).
+  """
+  poison_rate: float = 1.0
+  order: str = field("by_class", knob=ORDER_MODE)
+  name: ClassVar[str] = "data_order"
+
+  def check(self, inputs: Inputs) -> None:
+    require(self.order in ORDERS, f"{self.name}.order",
+            f"unknown order {self.order!r}; choose one of "
+            f"{', '.join(ORDERS)}")
+
+
+def order_code(spec: AttackSpec | None) -> int:
+  """A spec's `Behaviour.order`: 0 = the client's order, else 1 + the index
+  of its data_order mode in ORDERS."""
+  if isinstance(spec, DataOrder):
+    return 1 + ORDERS.index(spec.order)
+  return 0
 
 
 def update_scale(spec: AttackSpec) -> float:

@@ -9,7 +9,9 @@ leading provider axis):
     pop, losses = trainer.sub_run(pop, data, schedule, keys, divergence, behaviour)
 
 `sub_run` is `lax.scan` over the k steps of a `vmap` over providers. The batch of
-step t is `x_train[schedule[t]]`, gathered once and shared by every provider;
+step t is `x_train[schedule[t]]`, gathered once and shared by every provider
+(unless a provider reorders the sub-run's examples, `Hooks.reorder`: then each
+takes its own order of the same examples);
 each provider then applies its benign divergence (see `jaxrep.population.divergence`) and,
 if malicious, its behaviour (through the `Hooks` of `jaxrep.population.behaviour`).
 Benign is the zero behaviour, so a mixed population is ONE computation, compiled
@@ -191,12 +193,15 @@ def make_trainer(model: Model, config: TrainConfig,
     return params, opt_state, model_state, loss
 
   vstep = jax.vmap(single_step, in_axes=(0, 0, 0, None, None, 0, 0, 0))
+  # Each provider on its own batch (a reordering hook, `Hooks.reorder`).
+  vstep_own = jax.vmap(single_step, in_axes=(0, 0, 0, 0, 0, 0, 0, 0))
   vstep_clean = jax.vmap(functools.partial(single_step, clean=True),
                          in_axes=(0, 0, 0, None, None, 0, 0, 0))
 
   def scan_steps(step, state, x_train, y_train, schedule, keys, div,
                  behaviour):
-    """k steps of `step` over a (params, opt_state, model_state) tuple."""
+    """k steps of `step` over a (params, opt_state, model_state) tuple;
+    schedule [k, B] (one batch for all) or [k, n, B] (one per provider)."""
     def body(carry, inputs):
       params, opt_state, model_state = carry
       t, idx = inputs
@@ -249,8 +254,13 @@ def make_trainer(model: Model, config: TrainConfig,
     Returns:
       (new population, losses [k, n]).
     """
+    step, order = vstep, schedule
+    if hooks.reorder is not None:
+      own = jax.vmap(hooks.reorder, in_axes=(0, 0, None, None))(
+          behaviour, keys, schedule, y_train)          # [n, k, B]
+      step, order = vstep_own, jnp.swapaxes(own, 0, 1)
     (params, opt_state, model_state), losses = scan_steps(
-        vstep, tuple(pop), x_train, y_train, schedule, keys, div, behaviour)
+        step, tuple(pop), x_train, y_train, order, keys, div, behaviour)
     params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
     end = Population(params, opt_state, model_state)
     if hooks.twin_size > 0:

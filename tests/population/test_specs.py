@@ -22,6 +22,10 @@ FLAGS = {
     "scale_factor": (2.0, ("scaling",)),
     "warp_strength": (1.5, ("warp",)),
     "label_flip_source": (-1, ("label_flip",)),
+    "noise_eps": (0.1, ("keyed_noise",)),
+    "key_eps": (0.05, ("secret_key",)),
+    "key_units": (4, ("secret_key",)),
+    "order_mode": ("by_class", ("data_order",)),
     "trigger_tokens": (0, ("token", "phrase")),
 }
 

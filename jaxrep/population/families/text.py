@@ -25,6 +25,8 @@ words, it removes none.
 | phrase     | `length` mid-frequency words (each common    | 0 (the start)  |
 |            | enough, their sequence never occurs)         |                |
 | label_flip | none: examples of `source` relabelled        | -              |
+| data_order | none: the sub-run's examples reordered, the  | -              |
+|            | target class last (`specs.DataOrder`)        |                |
 
 Several tokens are inserted as one contiguous block. Both trigger specs take
 `scale` (model replacement, Bagdasaryan et al. 2020: the provider returns
@@ -47,8 +49,8 @@ from jaxrep.core import validate as V
 from jaxrep.core.errors import require
 from jaxrep.population.behaviour import Behaviour, stack
 from jaxrep.population.family import Family
-from jaxrep.population.specs import (AttackSpec, Inputs, Knob, LabelFlip,
-                                     check_positive, field, unless)
+from jaxrep.population.specs import (AttackSpec, DataOrder, Inputs, Knob,
+                                     LabelFlip, check_positive, field, unless)
 
 RANDOM = -1            # `position` of a trigger inserted at a random place
 FIRST_WORD = 2         # ids 0 (<pad>) and 1 (<unk>) are not words
@@ -119,8 +121,11 @@ def _size_field(spec) -> str:
   return "count" if isinstance(spec, TokenTrigger) else "length"
 
 
+NO_TRIGGER = (LabelFlip, DataOrder)   # attacks without a trigger
+
+
 def _trigger_size(spec) -> int:
-  if isinstance(spec, LabelFlip):
+  if isinstance(spec, NO_TRIGGER):
     return 0
   if spec.tokens is not None:
     return len(spec.tokens)
@@ -191,7 +196,7 @@ def _draw_tokens(spec, vocab_size: int, rng) -> np.ndarray:
 def _trigger(spec: AttackSpec, vocab_size: int, width: int, rng) -> tuple:
   """(tokens, length, position) of one provider's trigger."""
   tokens = np.zeros(width, np.int64)
-  if isinstance(spec, LabelFlip):
+  if isinstance(spec, NO_TRIGGER):
     return tokens, 0, 0
   drawn = _draw_tokens(spec, vocab_size, rng)
   tokens[:len(drawn)] = drawn
@@ -199,7 +204,8 @@ def _trigger(spec: AttackSpec, vocab_size: int, width: int, rng) -> tuple:
   return tokens, len(drawn), position
 
 
-def _build_triggers(specs, inputs: Inputs, rngs) -> TextTrigger:
+def _build_triggers(specs, inputs: Inputs, rngs, data=None) -> TextTrigger:
+  del data   # no text attack needs the training inputs
   width = max(1, *(_trigger_size(s) for s in specs))
   return stack([_trigger(spec, inputs.vocab_size, width, rng)
                 for spec, rng in zip(specs, rngs)], TextTrigger, jnp.int32)
@@ -249,7 +255,8 @@ def apply_trigger(b: Behaviour, key, x):
   return insert(x, t.tokens, t.length, _positions(t, key, x))
 
 
-TEXT = Family(modality="text", specs=(TokenTrigger, PhraseTrigger, LabelFlip),
+TEXT = Family(modality="text",
+              specs=(TokenTrigger, PhraseTrigger, LabelFlip, DataOrder),
               reference=TokenTrigger(), check_inputs=_check_texts,
               build_triggers=_build_triggers, apply_trigger=apply_trigger,
               trigger_for=lambda behaviour: apply_trigger)
