@@ -132,8 +132,11 @@ def client_asr(model, params, model_state, behaviour, ds, malicious):
   per trigger)."""
   if not malicious.any():
     return float("nan"), []
-  n = behaviour.size
-  asr = attack_success_rate(model, trees.stack(params, n),
-                            trees.stack(model_state, n), behaviour, ds)
-  per = np.asarray(asr)[malicious]
+  # Only the malicious providers' triggers: a benign provider's reference
+  # trigger says nothing about the client (half the forward passes at 50 %).
+  idx = np.flatnonzero(malicious)
+  asr = attack_success_rate(model, trees.stack(params, idx.size),
+                            trees.stack(model_state, idx.size),
+                            trees.take(behaviour, idx), ds)
+  per = np.asarray(asr)
   return float(per.max()), [float(v) for v in per]
