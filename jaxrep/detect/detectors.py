@@ -38,12 +38,13 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
   0.5/0.25/0.25; BUILD_NOTES 'Replica detector'): the largest honest ratio
   there was 1.0e3 (fp32, a last look whose distances are a few float32
   ulps) and 7.5e4 (mixed stacks: tf32/bf16 replicas at early, large-step
-  looks are 1e-5..7e-3 apart against fp32's 7e-7). That is the per-look
-  family-wise error's only bound: 0 exceedances in 100 calibration looks,
-  i.e. <= 3 % per look at 95 % confidence (no parametric bound; m looks: m
-  times it). The margin is thin on both sides: attackers with their own
-  backdoors scored >= 1.2e6 at 50 %, honest mixed-stack providers up to
-  1.0e5 in runs with attackers.
+  looks are 1e-5..7e-3 apart against fp32's 7e-7). Per-look family-wise
+  error, scored on held-out seeds 2000..2059 of the mixed-stack setting: 0
+  of 300 looks flagged an honest provider, i.e. <= 0.99 % per look at 95 %
+  confidence (no parametric bound; m looks: m times it); the largest honest
+  ratio there was 5.7e4. The margin is thin on both sides: attackers with
+  their own backdoors scored >= 1.2e6 at 50 %, honest mixed-stack providers
+  up to 1.0e5 in early runs with attackers (before the resolution floor).
 * ks (RTTD's test): for provider i, sample A_i = its distances to the other
   participants, and sample B_i = the pairwise distances among the other
   participants (every unordered pair j < l with j, l != i), both pooled over
