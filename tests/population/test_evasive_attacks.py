@@ -198,7 +198,12 @@ def test_secret_key_errors_name_the_problem(digits):
     IMAGE.make_behaviour([SecretKey(units=0)], SHAPE, 10, data=data)
   with pytest.raises(ConfigError, match="data"):
     IMAGE.make_behaviour([SecretKey()], SHAPE, 10)
-  # Too small a perturbation cannot be told from clean inputs.
+  # Every attacker finds a key at the default eps (one that does not
+  # separate keyed from clean inputs is redrawn) ...
+  many = IMAGE.make_behaviour([SecretKey()] * 40, SHAPE, 10, data=data,
+                              seed=1)
+  assert np.all(np.asarray(many.trigger.units) == 4)
+  # ... but too small a perturbation cannot be told from clean inputs.
   with pytest.raises(ConfigError, match="--key_eps"):
     IMAGE.make_behaviour([SecretKey(eps=0.005)], SHAPE, 10, data=data)
   # Only MLPs: a conv model is refused, by name, before anything trains...

@@ -22,7 +22,7 @@ FLAGS = {
     "scale_factor": (2.0, ("scaling",)),
     "warp_strength": (1.5, ("warp",)),
     "label_flip_source": (-1, ("label_flip",)),
-    "noise_eps": (0.1, ("keyed_noise",)),
+    "noise_eps": (0.15, ("keyed_noise",)),
     "key_eps": (0.05, ("secret_key",)),
     "key_units": (4, ("secret_key",)),
     "order_mode": ("by_class", ("data_order",)),
