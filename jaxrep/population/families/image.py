@@ -66,7 +66,7 @@ from jaxrep.population.specs import (AttackSpec, DataOrder, Inputs, Knob,
                                      field)
 
 LOCATIONS = ("top_left", "top_right", "bottom_left", "bottom_right", "center",
-             "random")
+             "random", "anywhere")
 PATTERNS = ("checkerboard", "white", "random")
 
 
@@ -91,8 +91,8 @@ class ImageTrigger(NamedTuple):
 
 def _location_fields(name: str, location) -> dict:
   """A fixed trigger location comes with the checkerboard pattern; "random"
-  keeps each provider's own location and pattern."""
-  if location == "random":
+  and "anywhere" keep each provider's own location and pattern."""
+  if location in ("random", "anywhere"):
     return {name: location}
   return {name: location, "pattern": "checkerboard"}
 
@@ -101,7 +101,9 @@ TRIGGER_SIZE = Knob("trigger_size", 2, "images: BadNets / scaling patch size "
                     "in pixels", V.integer(1))
 TRIGGER_LOCATION = Knob(
     "trigger_location", "random", "top_left, top_right, bottom_left, "
-    "bottom_right, center or random (each provider its own)",
+    "bottom_right, center, random (each provider its own position touching "
+    "the image border, where a patch does not cover the object) or anywhere "
+    "(each provider its own position anywhere in the image)",
     V.one_of(LOCATIONS), _location_fields)
 
 
@@ -278,14 +280,24 @@ def _check_images(inputs: Inputs) -> None:
 # Building the per-provider arrays.
 
 
+def _border_positions(size, h, w) -> list[tuple[int, int]]:
+  """Top-left corners (row, col) of every size x size patch that touches the
+  image border, in a fixed order."""
+  return [(r, c) for r in range(h - size + 1) for c in range(w - size + 1)
+          if r in (0, h - size) or c in (0, w - size)]
+
+
 def _patch_mask(size, location, h, w, rng):
   if isinstance(location, str):
     corners = {"top_left": (0, 0), "top_right": (0, w - size),
                "bottom_left": (h - size, 0),
                "bottom_right": (h - size, w - size),
                "center": ((h - size) // 2, (w - size) // 2)}
-    if location == "random":
+    if location == "anywhere":
       r, c = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    elif location == "random":
+      r, c = _border_positions(size, h, w)[int(rng.integers(
+          len(_border_positions(size, h, w))))]
     else:
       r, c = corners[location]
   else:
@@ -295,13 +307,20 @@ def _patch_mask(size, location, h, w, rng):
   return mask
 
 
-def _patch_pattern(kind, h, w, c, rng):
+def _patch_pattern(kind, h, w, c, rng, mask=None):
+  """The patch's pixel values. "random" draws binary values until at least
+  half of the pixels under `mask` are lit: a patch with none or one of four
+  pixels lit is invisible on a dark border (measured: such a digits
+  attacker reached 20 % ASR)."""
   if kind == "white":
     return np.ones((h, w, c), np.float32)
   if kind == "checkerboard":
     board = (np.add.outer(np.arange(h), np.arange(w)) % 2).astype(np.float32)
     return np.repeat(board[:, :, None], c, axis=2)
-  return rng.integers(0, 2, (h, w, c)).astype(np.float32)
+  while True:
+    pattern = rng.integers(0, 2, (h, w, c)).astype(np.float32)
+    if mask is None or pattern[mask[..., 0] > 0].mean() >= 0.5:
+      return pattern
 
 
 def _identity_grid(h, w):
@@ -339,7 +358,7 @@ def _trigger(spec: AttackSpec, shape, rng, keys: "_KeyFit | None") -> tuple:
   no_key = (no_pattern, no_pattern, 0.0, 0.0, 0.0, 0.0)
   if isinstance(spec, BadNets):
     mask = _patch_mask(spec.size, spec.location, h, w, rng)
-    return (mask, _patch_pattern(spec.pattern, h, w, c, rng), 1.0,
+    return (mask, _patch_pattern(spec.pattern, h, w, c, rng, mask), 1.0,
             identity) + no_key
   if isinstance(spec, Blend):
     noise = rng.uniform(0, 1, (h, w, c)).astype(np.float32)
