@@ -19,7 +19,7 @@ FLAGS = {
     "trigger_size": (2, ("badnets", "scaling")),
     "trigger_location": ("random", ("badnets", "scaling")),
     "blend_alpha": (0.2, ("blend",)),
-    "scale_factor": (2.0, ("scaling",)),
+    "scale_factor": (1.5, ("scaling",)),
     "warp_strength": (1.5, ("warp",)),
     "label_flip_source": (-1, ("label_flip",)),
     "noise_eps": (0.15, ("keyed_noise",)),

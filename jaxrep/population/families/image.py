@@ -147,8 +147,8 @@ class BadNets(AttackSpec):
 class Scaling(BadNets):
   """Model replacement: BadNets poisoning, returned update scaled by
   `factor`."""
-  factor: float = field(2.0, knob=Knob(
-      "scale_factor", 2.0, "model replacement factor of the scaling attack",
+  factor: float = field(1.5, knob=Knob(
+      "scale_factor", 1.5, "model replacement factor of the scaling attack",
       V.real(0.0, 1e6, low_open=True)))
   name: ClassVar[str] = "scaling"
 
