@@ -35,7 +35,7 @@ run: setup
 	$(PY) -m jaxrep.simulate --out runs/default
 
 test: setup datasets
-	$(PY) -m pytest -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider -n 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
