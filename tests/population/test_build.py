@@ -70,7 +70,7 @@ def test_by_default_each_attacker_draws_its_own_backdoor():
   specs = _specs(_config(attack="scaling"))
   attackers = _attackers(specs)
   assert {(s.location, s.pattern, s.size, s.factor) for s in attackers} == {
-      ("random", "random", 2, 2.0)}
+      ("random", "random", 2, 1.5)}
   assert len({s.target for s in attackers}) > 1
   assert specs == _specs(_config(attack="scaling"))
   flips = _attackers(_specs(_config(attack="label_flip"), text=True))
