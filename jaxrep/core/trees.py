@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def take(tree, i):
@@ -28,8 +27,3 @@ def stack(tree, n: int):
 def expand(tree):
   """A tree as a population of one (leading axis of size 1)."""
   return jax.tree_util.tree_map(lambda a: a[None], tree)
-
-
-def size(tree) -> int:
-  """Number of scalars in a pytree of arrays."""
-  return sum(int(np.prod(np.shape(l))) for l in jax.tree_util.tree_leaves(tree))

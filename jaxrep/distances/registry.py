@@ -78,18 +78,15 @@ def resolution(metric: str, params) -> float:
           f"must be one of {METRICS}; got {metric!r}")
   if metric not in RESOLVED_METRICS:
     return 0.0
-  leaves = jax.tree_util.tree_leaves(params)
-  squares = np.sum([_sum_squares(l) for l in leaves], axis=0)
-  count = sum(int(np.prod(l.shape[1:])) for l in leaves)
-  rms = np.sqrt(squares / max(count, 1))
+  rms = np.sqrt(np.asarray(to_host(_mean_squares(params)), np.float64))
   return float(np.finfo(np.float32).eps * np.median(rms))
 
 
 @jax.jit
-def _per_provider(leaf):
-  a = leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)
-  return jnp.sum(a * a, axis=1)
-
-
-def _sum_squares(leaf) -> np.ndarray:
-  return np.asarray(to_host(_per_provider(leaf)), np.float64)
+def _mean_squares(params) -> jax.Array:
+  """Mean squared parameter of every provider [n] (one program, one copy)."""
+  leaves = jax.tree_util.tree_leaves(params)
+  n = leaves[0].shape[0]
+  total = sum(jnp.sum(jnp.square(l.reshape(n, -1).astype(jnp.float32)), axis=1)
+              for l in leaves)
+  return total / sum(l.size // n for l in leaves)

@@ -27,6 +27,7 @@ from jaxrep.config import SimConfig
 from jaxrep.core import rng
 from jaxrep.core import trees
 from jaxrep import data as data_lib
+from jaxrep import models as models_lib
 from jaxrep.protocol import calibration
 from jaxrep.protocol.results import SimResult, evaluate
 from jaxrep.protocol.simulation import Simulation, load, setup, validate
@@ -49,7 +50,7 @@ def initial_state(sim: Simulation) -> ProtocolState:
   return ProtocolState(
       client=client, no_defense=client, own=own, trust=Trust.everyone(sim.n),
       log=EvidenceLog.empty(p.replicated, sim.n, sim.record_metrics,
-                            trees.size(params)),
+                            models_lib.num_params(params)),
       progress=Progress(ledger=(None,) * p.num_subruns), history=history)
 
 
