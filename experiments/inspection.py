@@ -1,0 +1,603 @@
+r"""Replication vs inspection (issue 18, items 3 and 4).
+
+The same providers judged two ways. For every cell (dataset, case, seed) the
+RTTD protocol runs for real (`jaxrep.protocol`: initial_state, subrun_step
+per sub-run, evaluate; the config's default detector, `replica` on `l2`),
+with half of the n providers malicious, each with its own backdoor (except
+where a case says they collude). The protocol's attack check trains every
+provider's own full run; those finished models are what a client that
+outsources the whole run to one provider would receive, so the inspection
+detectors (`jaxrep.detect.inspection`: neural_cleanse, max_margin, strip, at
+their defaults, which are the papers' thresholds) judge exactly them. RTTD
+judges the same providers (same behaviour, same keys) by replication.
+
+Per cell it records TPR / FPR of RTTD and of each inspection detector, every
+provider's clean accuracy and ASR (an attack that does not work proves
+nothing), STRIP's separation AUROC (report only: needs the triggers), and
+the client's compute: seconds per provider of each inspection detector
+(wall time of the batched call / n; the first call in a process includes
+compilation, so the table quotes medians over cells) against RTTD's extra
+m * k * (n - 1) training steps, timed here as one warm all-n sub-run (k
+steps) plus one distance matrix, so RTTD's seconds per provider are
+m * (t_subrun + t_distances) / n.
+
+Cases: every image attack (badnets, blend, label_flip, warp, scaling,
+keyed_noise, secret_key, data_order) plus two where RTTD is expected to
+fail: `collusion` (the malicious half share ONE BadNets backdoor, so the two
+halves are symmetric in every distance) and `mimicry` (BadNets, but each
+attacker returns only 1 % of its backdoor deviation plus benign-sized noise:
+a perturbation at the scale of benign divergence). secret_key plants its key
+into an MLP; with the CNN it is not applicable and its cell records the
+reason instead of numbers.
+
+One JSON per cell in <out>/<dataset>/<case>/seed<S>.json (a finished cell
+is skipped; a cell recorded with other settings is an error), and
+<out>/table.md aggregated over every cell found under <out> (means with 95 %
+t intervals over seeds; rates pooled over providers and seeds with Wilson
+95 % intervals).
+
+    cd experiments
+    python inspection.py --datasets=digits --out=../runs/inspection
+    python inspection.py --datasets=fashion_mnist_idx --seeds=0 \
+        --skip=fashion_mnist_idx:neural_cleanse --out=../runs/inspection
+    python inspection.py --table_only --out=../runs/inspection
+
+Bad flags exit with status 2 and one line, before anything trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags, logging
+from scipy import stats
+
+import _common
+from jaxrep import cli, population, protocol, report
+from jaxrep.config import SimConfig
+from jaxrep.core.errors import ConfigError
+from jaxrep.detect import inspection as insp
+from jaxrep.detect import metrics as metrics_lib
+from jaxrep.protocol import calibration
+from jaxrep.protocol.results import evaluate
+from jaxrep.report import results as report_results
+from jaxrep.protocol.steps import model_distances, subrun_step
+from jaxrep.sweep import interval
+
+ATTACKS = ("badnets", "blend", "label_flip", "warp", "scaling", "keyed_noise",
+           "secret_key", "data_order")
+# Cases where RTTD is expected to fail (issue 18 item 4): overrides of the
+# config (attack defaults otherwise).
+FAILURE_CASES = {
+    "collusion": dict(attack="badnets", adaptive="collusion"),
+    "mimicry": dict(attack="badnets", adaptive="mimicry"),
+}
+CASES = ATTACKS + tuple(FAILURE_CASES)
+DETECTORS = ("neural_cleanse", "max_margin", "strip")
+# Per dataset: model, run length T, sub-run length k, replicated sub-runs m
+# and how many test images the protocol evaluates on (0: all). Chosen for
+# the budget of a 2-core CPU (BUILD_NOTES "Replication vs inspection").
+SETTINGS = {
+    "digits": dict(model="mlp", steps=400, subrun_steps=20, replicated=5,
+                   test_size=0),
+    "fashion_mnist_idx": dict(model="cnn", steps=200, subrun_steps=20,
+                              replicated=2, test_size=500),
+}
+# The inspection detectors' clean data: the first 180 test images (Neural
+# Cleanse uses the first 64 of them), STRIP's overlays the next 179.
+CLEAN, NC_CLEAN, OVERLAY = 180, 64, 179
+
+_common.define_list("datasets", ["digits", "fashion_mnist_idx"],
+                    "datasets (digits: MLP, fashion_mnist_idx: CNN)",
+                    choices=tuple(SETTINGS))
+_common.define_list("cases", list(CASES), "attacks and failure cases",
+                    choices=CASES)
+_common.define_list("seeds", list(range(10)), "seeds", kind=int)
+_common.define_list("skip", [], "dataset:detector pairs not to run (their "
+                    "cells record the detector as skipped)")
+flags.DEFINE_integer("providers", 8, "providers n")
+flags.DEFINE_integer("malicious", -1, "malicious providers (-1: n / 2)")
+flags.DEFINE_integer("steps", 0, "training steps T (0: the dataset's)")
+flags.DEFINE_integer("subrun_steps", 0, "steps k per sub-run (0: the "
+                     "dataset's)")
+flags.DEFINE_integer("replicated", 0, "replicated sub-runs m (0: the "
+                     "dataset's)")
+flags.DEFINE_string("out", "../runs/inspection", "output directory")
+flags.DEFINE_bool("probe_skipped", True, "time a skipped detector on one "
+                  "provider in the dataset's first cell")
+flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
+                  "cells found in --out")
+
+
+# ----------------------------------------------------------------------------
+# Settings and checks.
+
+
+def settings(dataset: str, args) -> dict:
+  """The protocol settings of a dataset with the flags' overrides."""
+  s = dict(SETTINGS[dataset])
+  for name in ("steps", "subrun_steps", "replicated"):
+    if getattr(args, name):
+      s[name] = getattr(args, name)
+  s["providers"] = args.providers
+  s["malicious"] = (args.providers // 2 if args.malicious == -1
+                    else args.malicious)
+  return s
+
+
+def cell_config(dataset: str, case: str, seed: int, s: dict) -> SimConfig:
+  """The simulation of one cell (everything else at the main job's
+  defaults: replica detector on l2, rollback recovery, attack check on)."""
+  overrides = dict(FAILURE_CASES.get(case, {}))
+  attack = overrides.pop("attack", case)
+  return SimConfig.from_flat(
+      dataset=dataset, model=s["model"], attack=attack, seed=seed,
+      providers=s["providers"], malicious=s["malicious"], steps=s["steps"],
+      subrun_steps=s["subrun_steps"], replicated=s["replicated"],
+      **overrides)
+
+
+def parse_skip(pairs) -> set[tuple[str, str]]:
+  out = set()
+  for pair in pairs:
+    dataset, _, detector = pair.partition(":")
+    if dataset not in SETTINGS or detector not in DETECTORS:
+      raise ConfigError(f"skip: {pair!r} is not dataset:detector with "
+                        f"dataset in {', '.join(SETTINGS)} and detector in "
+                        f"{', '.join(DETECTORS)}")
+    out.add((dataset, detector))
+  return out
+
+
+def check_args(args) -> None:
+  """Every flag error before anything trains (ConfigError naming it)."""
+  if args.providers < 4:
+    raise ConfigError(f"providers: must be >= 4, got {args.providers}")
+  if not (args.malicious == -1 or 1 <= args.malicious < args.providers):
+    raise ConfigError(f"malicious: must be -1 or in [1, {args.providers - 1}"
+                      f"], got {args.malicious}")
+  for name in ("steps", "subrun_steps", "replicated"):
+    if getattr(args, name) < 0:
+      raise ConfigError(f"{name}: must be >= 0, got {getattr(args, name)}")
+  if not args.seeds or any(s < 0 for s in args.seeds):
+    raise ConfigError(f"seeds: must be >= 0, got {args.seeds}")
+  parse_skip(args.skip)
+  for dataset in args.datasets:
+    s = settings(dataset, args)
+    for case in args.cases:
+      protocol.validate(cell_config(dataset, case, args.seeds[0], s))
+
+
+# ----------------------------------------------------------------------------
+# Rates and intervals.
+
+
+def wilson(hits: int, total: int, z: float = 1.959964) -> tuple[float, float,
+                                                                  float]:
+  """(rate, low, high): the Wilson score 95 % interval of hits / total
+  (NaNs for total 0)."""
+  if total <= 0:
+    return math.nan, math.nan, math.nan
+  p = hits / total
+  d = 1 + z * z / total
+  centre = (p + z * z / (2 * total)) / d
+  half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / d
+  return p, max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rates(flags_, malicious) -> dict:
+  f, m = np.asarray(flags_, bool), np.asarray(malicious, bool)
+  return {"tp": int((f & m).sum()), "malicious": int(m.sum()),
+          "fp": int((f & ~m).sum()), "benign": int((~m).sum()),
+          "tpr": metrics_lib.tpr(f, m), "fpr": metrics_lib.fpr(f, m)}
+
+
+# ----------------------------------------------------------------------------
+# One cell.
+
+
+def _truncated(ds, test_size: int):
+  if not test_size or test_size >= len(ds.y_test):
+    return ds
+  return dataclasses.replace(ds, x_test=ds.x_test[:test_size],
+                             y_test=ds.y_test[:test_size])
+
+
+def _timed(fn):
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  return out, time.perf_counter() - start
+
+
+def run_protocol(config: SimConfig, ds):
+  """The RTTD protocol of `config` end to end, as `protocol.run` runs it
+  (without checkpoints); returns (sim, final state, SimResult)."""
+  config = protocol.validate(config)
+  adv = calibration.from_config(config, ds)
+  extra = {} if adv is None else dict(
+      behaviour=adv.behaviour, hooks=adv.hooks,
+      behaviour_for_subrun=adv.behaviour_for_subrun)
+  start = time.perf_counter()
+  sim = protocol.setup(config, dataset=ds, **extra)
+  state = protocol.initial_state(sim)
+  returned = None
+  while state.progress.next_subrun < sim.config.num_subruns:
+    state, returned = subrun_step(sim, state, state.progress.next_subrun)
+  result = evaluate(sim, state, returned, time.perf_counter() - start)
+  return sim, state, result
+
+
+def inspect(sim, own, ds_full, seed: int, skip=(),
+            probe_skipped: bool = False) -> dict:
+  """Every inspection detector on the providers' finished models `own`,
+  timed, plus STRIP's separation (report only). A detector in `skip` is not
+  run, except (probe_skipped) on one provider to time it."""
+  model, n = sim.model, sim.n
+  p, s = own.params, own.model_state
+  x = np.asarray(ds_full.x_test)
+  x_clean, x_overlay = x[:CLEAN], x[CLEAN:CLEAN + OVERLAY]
+  key = jax.random.fold_in(jax.random.key(seed), 18)
+  calls = {
+      "neural_cleanse": lambda: insp.neural_cleanse(model, p, s,
+                                                    x_clean[:NC_CLEAN], key),
+      "max_margin": lambda: insp.max_margin(model, p, s, key),
+      "strip": lambda: insp.strip(model, p, s, x_clean, x_overlay, key)}
+  plain = sim.behaviour.plain
+  mal = np.asarray(sim.behaviour.malicious)
+  target = np.asarray(plain.target)
+  out = {}
+  for name in DETECTORS:
+    if name in skip:
+      out[name] = {"skipped": True}
+      if probe_skipped:
+        # Its cost on ONE provider (the first attacker), for the cost table.
+        i = int(np.flatnonzero(mal)[0])
+        one = lambda t: jax.tree_util.tree_map(lambda a: a[i:i + 1], t)
+        p1, s1 = one(p), one(s)
+        fn = {"neural_cleanse": lambda: insp.neural_cleanse(
+                  model, p1, s1, x_clean[:NC_CLEAN], key),
+              "max_margin": lambda: insp.max_margin(model, p1, s1, key),
+              "strip": lambda: insp.strip(model, p1, s1, x_clean, x_overlay,
+                                          key)}[name]
+        res, seconds = _timed(fn)
+        out[name]["probe"] = dict(provider=i, seconds_per_provider=seconds,
+                                  score=float(res.scores[0]),
+                                  flag=bool(res.flags[0]))
+      continue
+    res, seconds = _timed(calls[name])
+    row = dict(rates(res.flags, mal), scores=res.scores, flags=res.flags,
+               threshold=res.threshold, seconds=seconds,
+               seconds_per_provider=seconds / n)
+    if name == "neural_cleanse":
+      classes = res.details["classes"]
+      row["smallest_mask_class"] = classes[np.argmin(res.details["norms"], 1)]
+    elif name == "max_margin":
+      row["largest_margin_class"] = res.details["top_class"]
+    if "smallest_mask_class" in row or "largest_margin_class" in row:
+      found = row.get("smallest_mask_class", row.get("largest_margin_class"))
+      row["finds_target"] = [bool(found[i] == target[i]) if mal[i] else None
+                             for i in range(n)]
+    out[name] = row
+  no_trigger = np.asarray(plain.is_attack("label_flip")) | np.asarray(
+      plain.is_attack("data_order"))
+  has_trigger = not bool(no_trigger[mal].any())
+  if has_trigger and "strip" not in skip:
+    trig = jax.vmap(population.IMAGE.trigger_for(plain),
+                    in_axes=(0, None, None))(plain, key, jnp.asarray(x_clean))
+    sep = insp.strip_separation(model, p, s, x_clean, np.asarray(trig),
+                                x_overlay, key)
+    out["strip_separation"] = {"auroc": sep["auroc"], "tpr": sep["tpr"],
+                               "frr": sep["frr"]}
+  return out
+
+
+def rttd_cost(sim, state) -> dict:
+  """RTTD's extra compute, timed warm: one all-n sub-run of k steps (the
+  program the protocol compiled) and one distance matrix of the detection
+  metric."""
+  n, k = sim.n, sim.config.protocol.subrun_steps
+  m = sim.config.protocol.replicated
+  run = lambda: sim.train_providers(state.own, sim.schedule(0), sim.keys(0),
+                                    sim.subrun_behaviour(0))[0]
+  jax.block_until_ready(run())
+  _, t_train = _timed(run)
+  metric = sim.config.detector.metric
+  dist = lambda: model_distances(sim, metric, state.client.params, state.own,
+                                 jax.random.key(0))
+  dist()
+  _, t_dist = _timed(dist)
+  return {"subrun_seconds": t_train, "distance_seconds": t_dist,
+          "seconds_per_provider_step": t_train / (n * k),
+          "extra_steps": m * k * (n - 1),
+          "rttd_seconds_per_provider": m * (t_train + t_dist) / n}
+
+
+def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
+             skip=(), probe_skipped: bool = False) -> dict:
+  """One cell: the protocol, the inspection detectors, the costs."""
+  t0 = time.perf_counter()
+  config = cell_config(dataset, case, seed, s)
+  base = dict(dataset=dataset, case=case, seed=seed, settings=s,
+              config=config.flat())
+  ds = _truncated(ds_full, s["test_size"])
+  try:
+    sim, state, result = run_protocol(config, ds)
+  except ConfigError as e:
+    if case != "secret_key":
+      raise
+    return dict(base, not_applicable=str(e))
+  mal = np.asarray(result.malicious, bool)
+  summary = result.summary()
+  cell = dict(
+      base, malicious=mal, attack_names=result.attack_names,
+      clean_accuracy=result.clean_accuracy,
+      attack_success_rate=result.attack_success_rate,
+      rttd=dict(rates(result.flags, mal), flags=result.flags,
+                scores=result.scores, flagged_at=result.flagged_at,
+                detector=f"{config.detector.name} on {config.detector.metric}",
+                client_clean_accuracy=summary["final_clean_accuracy"],
+                client_asr=summary["final_attack_success_rate"],
+                no_defense_clean_accuracy=summary["no_defense_clean_accuracy"],
+                no_defense_asr=summary["no_defense_attack_success_rate"],
+                replication_steps=summary["overhead_replication_steps"],
+                reexecution_steps=summary["overhead_reexecution_steps"],
+                protocol_seconds=result.wall_seconds),
+      inspection=inspect(sim, state.own, ds_full, seed, skip, probe_skipped),
+      cost=rttd_cost(sim, state))
+  cell["seconds"] = time.perf_counter() - t0
+  cell["load_average"] = os.getloadavg()
+  return cell
+
+
+# ----------------------------------------------------------------------------
+# Table.
+
+
+def _pct(r) -> str:
+  rate, low, high = r
+  if math.isnan(rate):
+    return "-"
+  return f"{100 * rate:.0f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def _mean(values, scale=100.0, digits=1) -> str:
+  mean, low, high, count = interval(values)
+  if count == 0:
+    return "-"
+  if count == 1 or math.isnan(low):
+    return f"{scale * mean:.{digits}f}"
+  return f"{scale * mean:.{digits}f} ± {scale * (high - low) / 2:.{digits}f}"
+
+
+def aggregate(cells: list[dict]) -> list[dict]:
+  """Rows of the table, one per (dataset, case) in CASES order: pooled
+  rates with Wilson intervals, means over seeds, median seconds."""
+  rows = []
+  datasets = sorted({c["dataset"] for c in cells},
+                    key=lambda d: list(SETTINGS).index(d)
+                    if d in SETTINGS else 99)
+  for dataset in datasets:
+    for case in CASES:
+      group = [c for c in cells if c["dataset"] == dataset
+               and c["case"] == case]
+      if not group:
+        continue
+      row = {"dataset": dataset, "case": case,
+             "seeds": sorted(c["seed"] for c in group)}
+      na = [c for c in group if "not_applicable" in c]
+      if na:
+        row["not_applicable"] = na[0]["not_applicable"]
+        rows.append(row)
+        continue
+      mal = [np.asarray(c["malicious"], bool) for c in group]
+      asr = [np.asarray(c["attack_success_rate"], float) for c in group]
+      acc = [np.asarray(c["clean_accuracy"], float) for c in group]
+      row["attacker_asr"] = [float(a[m].mean()) for a, m in zip(asr, mal)]
+      row["attacker_asr_min"] = float(min(a[m].min() for a, m in
+                                          zip(asr, mal)))
+      row["attacker_acc"] = [float(a[m].mean()) for a, m in zip(acc, mal)]
+      row["benign_acc"] = [float(a[~m].mean()) for a, m in zip(acc, mal)]
+      row["client_asr"] = [c["rttd"]["client_asr"] for c in group]
+      row["no_defense_asr"] = [c["rttd"]["no_defense_asr"] for c in group]
+      for name in ("rttd",) + DETECTORS:
+        parts = [c["rttd"] if name == "rttd" else c["inspection"][name]
+                 for c in group]
+        if any(p.get("skipped") for p in parts):
+          row[name] = None
+          probes = [p["probe"]["seconds_per_provider"] for p in parts
+                    if "probe" in p]
+          if probes:
+            row.setdefault("probes", {})[name] = float(np.median(probes))
+          continue
+        tp, pos = sum(p["tp"] for p in parts), sum(p["malicious"] for p in
+                                                   parts)
+        fp, neg = sum(p["fp"] for p in parts), sum(p["benign"] for p in parts)
+        row[name] = {"tpr": wilson(tp, pos), "fpr": wilson(fp, neg),
+                     "counts": (tp, pos, fp, neg)}
+        if name != "rttd":
+          row[name]["seconds_per_provider"] = float(np.median(
+              [p["seconds_per_provider"] for p in parts]))
+      row["rttd_seconds_per_provider"] = float(np.median(
+          [c["cost"]["rttd_seconds_per_provider"] for c in group]))
+      row["seconds_per_provider_step"] = float(np.median(
+          [c["cost"]["seconds_per_provider_step"] for c in group]))
+      row["extra_steps"] = group[0]["cost"]["extra_steps"]
+      seps = [np.asarray(c["inspection"]["strip_separation"]["auroc"])[m]
+              for c, m in zip(group, mal)
+              if "strip_separation" in c["inspection"]]
+      row["strip_auroc"] = [float(a.mean()) for a in seps]
+      rows.append(row)
+  return rows
+
+
+def markdown(rows: list[dict]) -> str:
+  """The detection table and the cost table (markdown)."""
+  lines = ["| dataset | case | seeds | attackers' ASR (min) | attackers' / "
+           "benign clean acc | RTTD TPR / FPR | Neural Cleanse TPR / FPR | "
+           "MM-BD TPR / FPR | STRIP TPR / FPR (separation AUROC) | client "
+           "ASR with RTTD / without |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    name = r["case"]
+    seeds = len(r["seeds"])
+    if "not_applicable" in r:
+      lines.append(f"| {r['dataset']} | {name} | {seeds} | not applicable: "
+                   f"{r['not_applicable']} |  |  |  |  |  |  |")
+      continue
+
+    def rate(d):
+      if r[d] is None:
+        return "not run (cost, below)"
+      return f"{_pct(r[d]['tpr'])} / {_pct(r[d]['fpr'])}"
+
+    auroc = (f" ({_mean(r['strip_auroc'], 1, 2)})" if r["strip_auroc"]
+             else " (no trigger)")
+    lines.append(
+        f"| {r['dataset']} | {name} | {seeds} | "
+        f"{_mean(r['attacker_asr'])} ({100 * r['attacker_asr_min']:.0f}) | "
+        f"{_mean(r['attacker_acc'])} / {_mean(r['benign_acc'])} | "
+        f"{rate('rttd')} | {rate('neural_cleanse')} | {rate('max_margin')} | "
+        f"{rate('strip')}{auroc} | "
+        f"{_mean(r['client_asr'])} / {_mean(r['no_defense_asr'])} |")
+  lines += ["", "| dataset | RTTD extra steps m·k·(n−1) | RTTD s / provider | "
+            "Neural Cleanse s / provider | MM-BD s / provider | STRIP s / "
+            "provider | one provider-step (ms) |", "|---|---|---|---|---|---|---|"]
+  for dataset in dict.fromkeys(r["dataset"] for r in rows):
+    group = [r for r in rows if r["dataset"] == dataset
+             and "not_applicable" not in r]
+    if not group:
+      continue
+    step = float(np.median([r["seconds_per_provider_step"] for r in group]))
+
+    def cost(name):
+      vals = [r[name]["seconds_per_provider"] for r in group
+              if r[name] is not None]
+      if not vals:
+        probes = [r["probes"][name] for r in group
+                  if name in r.get("probes", {})]
+        if not probes:
+          return "not run"
+        t = float(np.median(probes))
+        return f"{t:.2f} (= {t / step:,.0f} steps; one provider, timed only)"
+      t = float(np.median(vals))
+      return f"{t:.2f} (= {t / step:,.0f} steps)"
+
+    rttd = float(np.median([r["rttd_seconds_per_provider"] for r in group]))
+    lines.append(f"| {dataset} | {group[0]['extra_steps']} | {rttd:.2f} "
+                 f"(= {rttd / step:,.0f} steps) | {cost('neural_cleanse')} | "
+                 f"{cost('max_margin')} | {cost('strip')} | "
+                 f"{1e3 * step:.2f} |")
+  lines += ["", "Rates in % pooled over providers and seeds, [Wilson 95 % "
+            "interval]; ASR, accuracy and AUROC: mean ± half-width of the "
+            "95 % t interval over seeds (ASR and accuracy in %). Seconds: "
+            "median over cells of wall time / n (one batched call per "
+            "detector; RTTD: m·(one all-n sub-run + one distance matrix) / "
+            "n), and in training provider-steps of the same model."]
+  return "\n".join(lines) + "\n"
+
+
+def load_cells(out: str) -> list[dict]:
+  import json  # pylint: disable=g-import-not-at-top
+  cells = []
+  for root, _, files in os.walk(out):
+    for f in sorted(files):
+      if f.startswith("seed") and f.endswith(".json"):
+        with open(os.path.join(root, f)) as fh:
+          cells.append(json.load(fh))
+  return cells
+
+
+# ----------------------------------------------------------------------------
+# Main.
+
+
+def cell_path(out: str, dataset: str, case: str, seed: int) -> str:
+  return os.path.join(out, dataset, case, f"seed{seed}.json")
+
+
+def _commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__))
+                          ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def main(args) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  check_args(args)
+  skip = parse_skip(args.skip)
+  if not args.table_only:
+    commit, t0 = _commit(), time.time()
+    todo = [(d, c, s) for d in args.datasets for c in args.cases
+            for s in args.seeds]
+    loaded, probed = {}, set()
+    for i, (dataset, case, seed) in enumerate(todo, 1):
+      path = cell_path(args.out, dataset, case, seed)
+      st = settings(dataset, args)
+      if os.path.exists(path):
+        with open(path) as fh:
+          old = json.load(fh)
+        if old["settings"] != st:
+          raise ConfigError(f"out: {path} was run with {old['settings']}, "
+                            f"not {st}; use another --out")
+        print(f"[{i}/{len(todo)}] {dataset} {case} seed {seed}: done "
+              "before, skipped", file=sys.stderr, flush=True)
+        continue
+      if dataset not in loaded:
+        loaded[dataset] = protocol.load(SimConfig.from_flat(dataset=dataset))
+      skipped = {det for d, det in skip if d == dataset}
+      # A skipped detector is timed on one provider in the dataset's first
+      # cell of this invocation.
+      probe = (args.probe_skipped and bool(skipped)
+               and dataset not in probed)
+      cell = run_cell(dataset, case, seed, st, loaded[dataset], skipped,
+                      probe)
+      if probe and "not_applicable" not in cell:
+        probed.add(dataset)
+      cell.update(commit=commit, versions=report.versions(),
+                  command=" ".join(sys.argv))
+      report.write_json_atomic(path, report_results.clean(cell))
+      if "not_applicable" in cell:
+        msg = f"not applicable ({cell['not_applicable']})"
+      else:
+        inspected = ", ".join(
+            f"{n} {v['tp']}/{v['malicious']} {v['fp']}/{v['benign']}"
+            for n, v in cell["inspection"].items() if "tp" in v)
+        msg = (f"ASR {100 * np.mean(cell['attack_success_rate'][cell['malicious']]):.0f} %"
+               f"; TP/P FP/N: rttd {cell['rttd']['tp']}/"
+               f"{cell['rttd']['malicious']} {cell['rttd']['fp']}/"
+               f"{cell['rttd']['benign']}, {inspected}; "
+               f"{cell['seconds']:.0f} s, load "
+               f"{cell['load_average'][0]:.1f}")
+      print(f"[{i}/{len(todo)}] {dataset} {case} seed {seed}: {msg} "
+            f"({time.time() - t0:.0f} s in all)", file=sys.stderr, flush=True)
+  cells = load_cells(args.out)
+  if not cells:
+    raise ConfigError(f"out: no cells under {args.out}")
+  table = markdown(aggregate(cells))
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "table.md"), "w") as fh:
+    fh.write(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  logging.set_verbosity(logging.WARNING)
+  argv = cli.parse_flags(sys.argv)
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
+  try:
+    main(_common.script_args())
+  except ConfigError as e:
+    cli.fail(str(e).splitlines()[0])
