@@ -224,6 +224,11 @@ class RuntimeConfig:
                          "device reports); a population that does not fit is "
                          "trained in provider chunks, one that can never fit "
                          "is refused", check=V.integer(0))
+  provider_block: int = field(
+      0, "providers per device trained side by side inside one sub-run (0: "
+      "auto: on CPU as many as keep one block's step within 64 MiB of "
+      "temporaries, on GPU/TPU all); changes speed, not results beyond "
+      "float32 rounding", check=V.integer(0))
 
 
 SECTIONS = ("data", "model", "attack", "training", "divergence", "protocol",

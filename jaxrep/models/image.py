@@ -13,7 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxrep.models.layers import conv, dense
+from jaxrep.models.layers import conv, dense, max_pool_2x2
 
 
 def _dense_head(x, hidden: Sequence[int], num_classes: int, precision):
@@ -50,7 +50,7 @@ class CNN(nn.Module):
     for ch in self.channels:
       x = nn.relu(conv(ch, (5, 5), self.precision, padding="SAME")(x))
       if x.shape[1] >= 2 and x.shape[2] >= 2:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     return _dense_head(x, self.hidden, self.num_classes, self.precision)
 
 

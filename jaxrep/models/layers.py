@@ -165,3 +165,56 @@ def conv(features: int, kernel_size, bits, **kwargs) -> nn.Conv:
   """`nn.Conv` computed by `conv_general_dilated(bits)`."""
   return nn.Conv(features, kernel_size,
                  conv_general_dilated=conv_general_dilated(bits), **kwargs)
+
+
+def _pool_windows(x):
+  """The four elements of every 2x2 window of NHWC `x` (odd edges cropped),
+  in row-major window order: (top-left, top-right, bottom-left,
+  bottom-right), each [B, H//2, W//2, C]."""
+  b, h, w, c = x.shape
+  x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  return x[:, :, 0, :, 0], x[:, :, 0, :, 1], x[:, :, 1, :, 0], x[:, :, 1, :, 1]
+
+
+@jax.custom_vjp
+def max_pool_2x2(x):
+  """2x2 max pooling with stride 2 (VALID), NHWC.
+
+  The same values as `flax.linen.max_pool(x, (2, 2), strides=(2, 2))`, and
+  the same gradient: all of a window's gradient goes to its first maximum in
+  row-major order, as XLA's select-and-scatter does. Why not `nn.max_pool`:
+  its gradient compiles to a variadic reduce-window that carries an int32
+  index per dimension, the costliest op of the CNN's training step on
+  XLA:CPU (BUILD_NOTES "Provider blocks"); here it is elementwise selects
+  that fuse. NaNs are not propagated the way reduce-window does.
+  """
+  a, b, c, d = _pool_windows(x)
+  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _max_pool_fwd(x):
+  return max_pool_2x2(x), x
+
+
+def _max_pool_bwd(x, g):
+  a, b, c, d = _pool_windows(x)
+  m = jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+  zero = jnp.zeros_like(g)
+  take_a = a == m
+  take_b = ~take_a & (b == m)
+  take_c = ~take_a & ~take_b & (c == m)
+  take_d = ~(take_a | take_b | take_c)
+  parts = [jnp.where(t, g, zero) for t in (take_a, take_b, take_c, take_d)]
+  bsz, h2, w2, ch = g.shape
+  # [B, H/2, 2 (row), W/2, 2 (col), C] back to [B, H, W, C], then the
+  # cropped odd edge gets zeros.
+  top = jnp.stack(parts[:2], axis=3)                # [B, H/2, W/2, 2, C]
+  bottom = jnp.stack(parts[2:], axis=3)
+  grid = jnp.stack([top, bottom], axis=2)           # [B, H/2, 2, W/2, 2, C]
+  dx = grid.reshape(bsz, 2 * h2, 2 * w2, ch)
+  _, h, w, _ = x.shape
+  dx = jnp.pad(dx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
+  return (dx,)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -65,7 +65,8 @@ def calibrate(config, dataset: data_lib.Dataset, *, subrun: int = 0,
   model = models_lib.get_model(config.model.name, dataset.num_classes,
                                dataset.input_shape, vocab_size=vocab_size)
   trainer = train_lib.make_trainer(model, simulation.train_config(config),
-                                   config.divergence)
+                                   config.divergence,
+                                   provider_block=config.runtime.provider_block)
   root = rng_lib.root(config.seed)
   params, model_state = model.init(rng_lib.model_init(root))
   pop = trainer.replicate(params, model_state, n)

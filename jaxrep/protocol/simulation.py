@@ -244,7 +244,8 @@ def setup(config: SimConfig, *, dataset: data_lib.Dataset | None = None,
   if hooks is None:
     hooks = population_lib.family(ds.modality).make_hooks(behaviour)
   trainer = train_lib.make_trainer(model, train_config(config),
-                                   config.divergence, hooks)
+                                   config.divergence, hooks,
+                                   config.runtime.provider_block)
   div = div_lib.make_divergence(config.divergence, n, config.seed)
   x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   mesh = _mesh(config, n)

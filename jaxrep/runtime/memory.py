@@ -96,7 +96,7 @@ def _aval_bytes(aval) -> int:
   return int(np.prod(shape)) * itemsize
 
 
-def _jaxpr_bytes(jaxpr) -> int:
+def jaxpr_bytes(jaxpr) -> int:
   """Sum of the sizes of every intermediate of a jaxpr (nested included)."""
   total = 0
   for eqn in jaxpr.eqns:
@@ -105,7 +105,7 @@ def _jaxpr_bytes(jaxpr) -> int:
       for sub in (value if isinstance(value, (tuple, list)) else (value,)):
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
-          total += _jaxpr_bytes(inner)
+          total += jaxpr_bytes(inner)
   return total
 
 
@@ -135,7 +135,7 @@ def step_bytes(trainer, behaviour, div, x_example, y_example,
     jaxpr = jax.make_jaxpr(trainer.single_step)(params, opt_state,
                                                 model_state, x, y, key, div1,
                                                 beh1)
-    return _jaxpr_bytes(jaxpr.jaxpr)
+    return jaxpr_bytes(jaxpr.jaxpr)
 
   b = max(1, int(batch_size))
   t1, t2 = traced(b), traced(2 * b)

@@ -231,12 +231,13 @@ def sharded_sub_run(trainer, mesh: Mesh, pop, x_train, y_train, schedule,
   Same arguments and results as `trainer.sub_run`; the returned population
   is provider-sharded and the losses [k, n] are sharded on their second axis.
   Each device trains only its own providers (no collective is compiled in;
-  `collective_counts` of `trainer.sub_run.lower(*sub_run_inputs(...))`
-  shows it).
+  `collective_counts` of `trainer.sub_run.lower(*sub_run_inputs(...),
+  devices=mesh_size(mesh))` shows it; the provider blocks of the sub-run are
+  multiples of the mesh size).
   """
   args = sub_run_inputs(mesh, pop, x_train, y_train, schedule, keys, div,
                         behaviour)
-  return trainer.sub_run(*args)
+  return trainer.sub_run(*args, devices=mesh_size(mesh))
 
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2,

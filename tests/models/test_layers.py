@@ -161,3 +161,22 @@ def test_dot_general_at_tf32_lies_between_float32_and_bf16():
       np.asarray(layers.dot_general(jnp.int32(bits))(a, b, dims)) - exact)))
          for bits in (23, 10, 7)}
   assert err[23] < err[10] < err[7]
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 4), (2, 7, 9, 3), (2, 28, 28, 16)])
+def test_max_pool_2x2_is_flax_max_pool_with_its_gradient(shape):
+  """Same values and bitwise the same gradient as flax's max_pool (first
+  maximum of a window in row-major order gets the gradient), ties included:
+  the inputs are rounded to halves and ReLU'd, so windows tie often."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(sum(shape)), shape)
+  x = jax.nn.relu(jnp.round(x * 2) / 2)
+  g = jax.random.normal(jax.random.key(1), (shape[0], shape[1] // 2,
+                                            shape[2] // 2, shape[3]))
+  ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+  np.testing.assert_array_equal(layers.max_pool_2x2(x), ref(x))
+  grad = lambda f: jax.jit(jax.vmap(jax.grad(lambda x: jnp.sum(f(x) * g))))
+  ties = np.asarray(ref(x) == 0).mean()
+  assert ties > 0.05                      # the case worth testing is there
+  np.testing.assert_array_equal(grad(layers.max_pool_2x2)(x[None]),
+                                grad(ref)(x[None]))

@@ -21,10 +21,10 @@ def test_sharded_sub_run_is_partitioned_and_matches(subrun,
                                                     assert_population_close):
   mesh, trainer = mesh_lib.make_mesh(8), subrun["trainer"]
   placed = mesh_lib.sub_run_inputs(mesh, *subrun["args"])
-  compiled = trainer.sub_run.lower(*placed).compile()
+  compiled = trainer.sub_run.lower(*placed, devices=8).compile()
   # Each device trains its own providers: not one collective.
   assert sum(mesh_lib.collective_counts(compiled).values()) == 0
-  out, losses = trainer.sub_run(*placed)
+  out, losses = trainer.sub_run(*placed, devices=8)
   n = losses.shape[1]
   for leaf in jax.tree_util.tree_leaves(out):
     assert tuple(leaf.sharding.spec)[:1] == (mesh_lib.PROVIDERS,)
