@@ -111,6 +111,9 @@ flags.DEFINE_integer("subrun_steps", 0, "steps k per sub-run (0: the "
 flags.DEFINE_integer("replicated", 0, "replicated sub-runs m (0: the "
                      "dataset's)")
 flags.DEFINE_string("out", "../runs/inspection", "output directory")
+flags.DEFINE_bool("separation", True, "also measure STRIP's separation "
+                  "AUROC of triggered vs clean inputs (report only; costs "
+                  "about twice STRIP itself)")
 flags.DEFINE_bool("probe_skipped", True, "time a skipped detector on one "
                   "provider in the dataset's first cell")
 flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
@@ -236,7 +239,7 @@ def run_protocol(config: SimConfig, ds):
 
 
 def inspect(sim, own, ds_full, seed: int, skip=(),
-            probe_skipped: bool = False) -> dict:
+            probe_skipped: bool = False, separation: bool = True) -> dict:
   """Every inspection detector on the providers' finished models `own`,
   timed, plus STRIP's separation (report only). A detector in `skip` is not
   run, except (probe_skipped) on one provider to time it."""
@@ -289,7 +292,7 @@ def inspect(sim, own, ds_full, seed: int, skip=(),
   no_trigger = np.asarray(plain.is_attack("label_flip")) | np.asarray(
       plain.is_attack("data_order"))
   has_trigger = not bool(no_trigger[mal].any())
-  if has_trigger and "strip" not in skip:
+  if has_trigger and separation and "strip" not in skip:
     trig = jax.vmap(population.IMAGE.trigger_for(plain),
                     in_axes=(0, None, None))(plain, key, jnp.asarray(x_clean))
     sep = insp.strip_separation(model, p, s, x_clean, np.asarray(trig),
@@ -321,7 +324,8 @@ def rttd_cost(sim, state) -> dict:
 
 
 def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
-             skip=(), probe_skipped: bool = False) -> dict:
+             skip=(), probe_skipped: bool = False,
+             separation: bool = True) -> dict:
   """One cell: the protocol, the inspection detectors, the costs."""
   t0 = time.perf_counter()
   config = cell_config(dataset, case, seed, s)
@@ -350,7 +354,8 @@ def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
                 replication_steps=summary["overhead_replication_steps"],
                 reexecution_steps=summary["overhead_reexecution_steps"],
                 protocol_seconds=result.wall_seconds),
-      inspection=inspect(sim, state.own, ds_full, seed, skip, probe_skipped),
+      inspection=inspect(sim, state.own, ds_full, seed, skip, probe_skipped,
+                         separation),
       cost=rttd_cost(sim, state))
   cell["seconds"] = time.perf_counter() - t0
   cell["load_average"] = os.getloadavg()
@@ -389,6 +394,9 @@ def aggregate(cells: list[dict]) -> list[dict]:
       group = [c for c in cells if c["dataset"] == dataset
                and c["case"] == case]
       if not group:
+        # No row is left out: a case without cells says so.
+        rows.append({"dataset": dataset, "case": case, "seeds": [],
+                     "not_run": True})
         continue
       row = {"dataset": dataset, "case": case,
              "seeds": sorted(c["seed"] for c in group)}
@@ -448,6 +456,10 @@ def markdown(rows: list[dict]) -> str:
   for r in rows:
     name = r["case"]
     seeds = len(r["seeds"])
+    if r.get("not_run"):
+      lines.append(f"| {r['dataset']} | {name} | 0 | not run (no cell in "
+                   "this output) |  |  |  |  |  |  |")
+      continue
     if "not_applicable" in r:
       lines.append(f"| {r['dataset']} | {name} | {seeds} | not applicable: "
                    f"{r['not_applicable']} |  |  |  |  |  |  |")
@@ -459,7 +471,8 @@ def markdown(rows: list[dict]) -> str:
       return f"{_pct(r[d]['tpr'])} / {_pct(r[d]['fpr'])}"
 
     auroc = (f" ({_mean(r['strip_auroc'], 1, 2)})" if r["strip_auroc"]
-             else " (no trigger)")
+             else " (no trigger)" if r["case"] in ("label_flip", "data_order")
+             else " (not measured)")
     lines.append(
         f"| {r['dataset']} | {name} | {seeds} | "
         f"{_mean(r['attacker_asr'])} ({100 * r['attacker_asr_min']:.0f}) | "
@@ -472,7 +485,7 @@ def markdown(rows: list[dict]) -> str:
             "provider | one provider-step (ms) |", "|---|---|---|---|---|---|---|"]
   for dataset in dict.fromkeys(r["dataset"] for r in rows):
     group = [r for r in rows if r["dataset"] == dataset
-             and "not_applicable" not in r]
+             and "not_applicable" not in r and not r.get("not_run")]
     if not group:
       continue
     step = float(np.median([r["seconds_per_provider_step"] for r in group]))
@@ -562,7 +575,7 @@ def main(args) -> None:
       probe = (args.probe_skipped and bool(skipped)
                and dataset not in probed)
       cell = run_cell(dataset, case, seed, st, loaded[dataset], skipped,
-                      probe)
+                      probe, args.separation)
       if probe and "not_applicable" not in cell:
         probed.add(dataset)
       cell.update(commit=commit, versions=report.versions(),

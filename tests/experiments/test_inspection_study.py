@@ -1,0 +1,117 @@
+"""experiments/inspection.py (replication vs inspection): its Wilson
+intervals, one cell on a tiny digits setting (fields and counts consistent
+with the flags), resuming, and the table's aggregation, including a cell
+that is not applicable."""
+
+import importlib.util
+import math
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+EXPERIMENTS = os.path.join(ROOT, "experiments")
+
+
+@pytest.fixture(scope="module")
+def study():
+  sys.path.insert(0, EXPERIMENTS)
+  try:
+    spec = importlib.util.spec_from_file_location(
+        "inspection_study", os.path.join(EXPERIMENTS, "inspection.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+  finally:
+    sys.path.remove(EXPERIMENTS)
+
+
+def test_wilson_interval(study):
+  rate, low, high = study.wilson(0, 4)
+  assert rate == 0 and low == 0 and high == pytest.approx(0.4899, abs=1e-4)
+  rate, low, high = study.wilson(4, 4)
+  assert rate == 1 and high == pytest.approx(1) and low == pytest.approx(
+      0.5101, abs=1e-4)
+  rate, low, high = study.wilson(5, 10)
+  assert rate == 0.5 and low == pytest.approx(1 - high)
+  # 20 of 40: the textbook value [0.352, 0.648].
+  _, low, high = study.wilson(20, 40)
+  assert (low, high) == pytest.approx((0.3520, 0.6480), abs=1e-3)
+  assert all(math.isnan(v) for v in study.wilson(0, 0))
+
+
+@pytest.fixture(scope="module")
+def tiny_cell(study, digits):
+  s = dict(study.SETTINGS["digits"], providers=4, malicious=2, steps=20,
+           subrun_steps=10, replicated=1)
+  return study.run_cell("digits", "badnets", 0, s, digits,
+                        skip={"neural_cleanse"})
+
+
+def test_cell_fields(study, tiny_cell):
+  c = tiny_cell
+  mal = np.asarray(c["malicious"])
+  assert mal.shape == (4,) and mal.sum() == 2
+  assert np.shape(c["attack_success_rate"]) == (4,)
+  assert np.shape(c["clean_accuracy"]) == (4,)
+  r = c["rttd"]
+  flags = np.asarray(r["flags"])
+  assert r["tp"] == int((flags & mal).sum()) and r["malicious"] == 2
+  assert r["fp"] == int((flags & ~mal).sum()) and r["benign"] == 2
+  assert r["detector"] == "replica on l2"
+  assert c["inspection"]["neural_cleanse"] == {"skipped": True}
+  for name in ("max_margin", "strip"):
+    d = c["inspection"][name]
+    f = np.asarray(d["flags"])
+    assert np.array_equal(f, np.asarray(d["scores"]) > d["threshold"])
+    assert d["tp"] == int((f & mal).sum()) and d["fp"] == int((f & ~mal).sum())
+    assert d["seconds_per_provider"] == pytest.approx(d["seconds"] / 4)
+  assert len(c["inspection"]["max_margin"]["finds_target"]) == 4
+  assert np.shape(c["inspection"]["strip_separation"]["auroc"]) == (4,)
+  cost = c["cost"]
+  assert cost["extra_steps"] == 1 * 10 * 3
+  assert cost["seconds_per_provider_step"] > 0
+  assert cost["rttd_seconds_per_provider"] == pytest.approx(
+      (cost["subrun_seconds"] + cost["distance_seconds"]) / 4)
+
+
+def test_table_aggregates_and_shows_not_applicable(study, tiny_cell):
+  from jaxrep.report.results import clean
+  cell = clean(tiny_cell)
+  other = dict(cell, seed=1)
+  na = {"dataset": "fashion_mnist_idx", "case": "secret_key", "seed": 0,
+        "not_applicable": "model: secret_key plants into an MLP"}
+  rows = study.aggregate([cell, other, na])
+  # Every case of a dataset has a row; those without cells say "not run".
+  assert [(r["dataset"], r["case"]) for r in rows] == [
+      (d, c) for d in ("digits", "fashion_mnist_idx") for c in study.CASES]
+  ran = [(r["dataset"], r["case"]) for r in rows if not r.get("not_run")]
+  assert ran == [("digits", "badnets"), ("fashion_mnist_idx", "secret_key")]
+  row = rows[0]
+  assert row["seeds"] == [0, 1]
+  tp, pos, fp, neg = row["rttd"]["counts"]
+  assert (pos, neg) == (4, 4) and tp == 2 * cell["rttd"]["tp"]
+  assert row["neural_cleanse"] is None
+  text = study.markdown(rows)
+  assert "| digits | badnets | 2 |" in text
+  assert "not applicable: model: secret_key plants into an MLP" in text
+  assert "| digits | blend | 0 | not run" in text
+  assert "not run (cost, below)" in text
+
+
+def test_resume_refuses_other_settings(study, tmp_path, tiny_cell):
+  from jaxrep.core.errors import ConfigError
+  from jaxrep.report.results import clean
+  from jaxrep import report
+  path = study.cell_path(str(tmp_path), "digits", "badnets", 0)
+  report.write_json_atomic(path, clean(tiny_cell))
+  args = types.SimpleNamespace(
+      datasets=["digits"], cases=["badnets"], seeds=[0], skip=[],
+      providers=8, malicious=-1, steps=0, subrun_steps=0, replicated=0,
+      out=str(tmp_path), table_only=False, probe_skipped=False)
+  with pytest.raises(ConfigError, match="was run with"):
+    study.main(args)
