@@ -155,6 +155,8 @@ class Trainer(NamedTuple):
   replicate: Callable[..., Population]
   sub_run: Callable[..., tuple[Population, jax.Array]]
   single_step: Callable
+  # provider_block(n, devices, sub_run_args) -> providers per block.
+  provider_block: Callable[..., int]
 
 
 provider_keys = rng_lib.provider_keys
@@ -378,7 +380,8 @@ def make_trainer(model: Model, config: TrainConfig,
                           behaviour)
     return end, losses
 
-  return Trainer(model, tx, init, replicate, sub_run, single_step)
+  return Trainer(model, tx, init, replicate, sub_run, single_step,
+                 block_of)
 
 
 def check_population_args(providers: int, steps: int, batch_size: int,

@@ -71,12 +71,16 @@ def test_blocked_sub_run_gives_each_provider_its_own_model(digits):
 
 def test_blocks_of_one_make_a_provider_independent_of_n(digits):
   """With a block of one, provider 0 computes the same bits whether it
-  trains among 2 or among 6 providers."""
+  trains alone (the protocol's unchecked sub-run, `train_one`), among 2 or
+  among 6 providers."""
+  one, _ = _sub_run(digits, 1, 1)
   two, _ = _sub_run(digits, 1, 2)
   six, _ = _sub_run(digits, 1, 6)
-  for a, b in zip(jax.tree_util.tree_leaves(two),
-                  jax.tree_util.tree_leaves(six)):
-    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0])
+  for a, b, c in zip(jax.tree_util.tree_leaves(one),
+                     jax.tree_util.tree_leaves(two),
+                     jax.tree_util.tree_leaves(six)):
+    np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(c)[0])
+    np.testing.assert_array_equal(np.asarray(b)[0], np.asarray(c)[0])
 
 
 def test_bad_provider_block_is_a_config_error():
