@@ -68,9 +68,14 @@ def evaluate_pairs(result, n: int, alpha: float, ks_margin: float):
   mal = result.malicious
   for metric, mats in result.recorded.items():
     for det in detect.DETECTORS:
+      # The run's own metric replays with the run's per-look resolution
+      # floors (what the live replica detector used); the other recorded
+      # metrics have none recorded and replay with floor 0.
+      own = metric == result.config.detector.metric
       flagged, _, scores = protocol.replay(
           mats, n, det, alpha=alpha, ks_margin=ks_margin,
-          updates=result.recorded_updates)
+          updates=result.recorded_updates,
+          floors=result.floors if own else None)
       rows.append(dict(metric=metric, detector=det,
                        identified=int(flagged[mal].sum()),
                        malicious=int(mal.sum()),
