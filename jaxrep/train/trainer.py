@@ -286,37 +286,54 @@ def make_trainer(model: Model, config: TrainConfig,
                                               jax.default_backend())
     return block_size(n, devices, per_device)
 
-  def blocked_steps(step, block, state, x_train, y_train, order, keys, div,
-                    behaviour):
+  def blocked_steps(step, block, devices, state, x_train, y_train, order,
+                    keys, div, behaviour):
     """`scan_steps` over the providers `block` at a time.
 
-    Provider p = i * m + s (m = n / block blocks) is slot i of block s, so
-    when the provider axis is split over devices in contiguous shares, each
-    block takes the same number of providers from every device's share.
-    order: [k, B] shared, or [k, n, B] per provider.
+    The provider axis is viewed as [devices, m, g] (m = n / block blocks,
+    g = block / devices; a reshape, no copy): device d's contiguous share
+    holds m runs of g providers, and block s is run s of every share, so
+    each device trains only its own providers. Provider p = d * n/devices +
+    s * g + i. order: [k, B] shared, or [k, n, B] per provider.
     """
     n = jax.tree_util.tree_leaves(state)[0].shape[0]
     if block >= n:
       return scan_steps(step, state, x_train, y_train, order, keys, div,
                         behaviour)
-    m = n // block
-    split = lambda t, axis=0: jax.tree_util.tree_map(
-        lambda a: jnp.moveaxis(a.reshape(*a.shape[:axis], block, m,
-                                         *a.shape[axis + 1:]), axis + 1, 0), t)
+    m, g = n // block, block // devices
+    view = lambda a, axis=0: a.reshape(*a.shape[:axis], devices, m, g,
+                                       *a.shape[axis + 1:])
+    flat = lambda a, axis=0: a.reshape(*a.shape[:axis], n,
+                                       *a.shape[axis + 3:])
+
+    def take(tree, s, axis=0):
+      """Block s of every leaf: [.., devices * g, ..]."""
+      def one(a):
+        b = jax.lax.dynamic_index_in_dim(view(a, axis), s, axis + 1,
+                                         keepdims=False)
+        return b.reshape(*a.shape[:axis], block, *a.shape[axis + 1:])
+      return jax.tree_util.tree_map(one, tree)
+
+    def put(tree, new, s, axis=0):
+      """Writes block s of every leaf of `tree` (viewed) from `new`."""
+      def one(a, b):
+        b = b.reshape(*b.shape[:axis], devices, 1, g, *b.shape[axis + 1:])
+        return jax.lax.dynamic_update_slice_in_dim(a, b, s, axis + 1)
+      return jax.tree_util.tree_map(one, tree, new)
+
     per_provider = order.ndim == 3
-    blocks = (split(state), split(keys), split(div), split(behaviour),
-              split(order, 1) if per_provider else None)
 
-    def one_block(blk):
-      st, ks, dv, bh, od = blk
-      return scan_steps(step, st, x_train, y_train,
-                        od if per_provider else order, ks, dv, bh)
+    def body(s, carry):
+      out, losses = carry
+      new, loss = scan_steps(step, take(state, s), x_train, y_train,
+                             take(order, s, 1) if per_provider else order,
+                             take(keys, s), take(div, s), take(behaviour, s))
+      return put(out, new, s), put(losses, loss, s, 1)
 
-    out, losses = jax.lax.map(one_block, blocks)     # leaves [m, block, ...]
-    merge = lambda t: jax.tree_util.tree_map(
-        lambda a: jnp.moveaxis(a, 0, 1).reshape(n, *a.shape[2:]), t)
-    k = losses.shape[1]                               # losses [m, k, block]
-    return merge(out), jnp.transpose(losses, (1, 2, 0)).reshape(k, n)
+    views = jax.tree_util.tree_map(view, state)
+    losses = jnp.zeros((order.shape[0], devices, m, g), jnp.float32)
+    out, losses = jax.lax.fori_loop(0, m, body, (views, losses))
+    return jax.tree_util.tree_map(flat, out), flat(losses, 1)
 
   def twin_finalize(pop, end, x_train, y_train, schedule, keys, div,
                     behaviour):
@@ -371,7 +388,7 @@ def make_trainer(model: Model, config: TrainConfig,
           behaviour, keys, schedule, y_train)          # [n, k, B]
       step, order = vstep_own, jnp.swapaxes(own, 0, 1)
     (params, opt_state, model_state), losses = blocked_steps(
-        step, block, tuple(pop), x_train, y_train, order, keys, div,
+        step, block, devices if n % devices == 0 else 1, tuple(pop), x_train, y_train, order, keys, div,
         behaviour)
     params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
     end = Population(params, opt_state, model_state)

@@ -87,3 +87,32 @@ def test_bad_provider_block_is_a_config_error():
   model = models.get_model("mlp", 10, (8, 8, 1))
   with pytest.raises(ConfigError, match="provider_block"):
     train.make_trainer(model, train.TrainConfig(), provider_block=-1)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices "
+                    "(tests/conftest.py sets the XLA flag)")
+def test_blocks_over_a_mesh_stay_on_their_devices(digits):
+  """16 providers over 8 devices in blocks of one per device: two blocks,
+  no collective, and the unsharded models."""
+  from jaxrep.runtime import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  n, k = 16, 4
+  model = models.get_model("mlp", digits.num_classes, digits.input_shape)
+  cfg = div_lib.DivergenceConfig(grad_noise=1e-3)
+  trainer = train.make_trainer(model, train.TrainConfig(), cfg,
+                               provider_block=1)
+  args = (trainer.init(jax.random.key(0), n), jnp.asarray(digits.x_train),
+          jnp.asarray(digits.y_train),
+          jnp.asarray(batch_schedule(0, 0, k, 32, digits.x_train.shape[0])),
+          train.provider_keys(jax.random.key(3), n),
+          div_lib.make_divergence(cfg, n), jnp.zeros(n))
+  mesh = mesh_lib.make_mesh(8)
+  placed = mesh_lib.sub_run_inputs(mesh, *args)
+  assert trainer.provider_block(n, 8, args) == 8
+  compiled = trainer.sub_run.lower(*placed, devices=8).compile()
+  assert sum(mesh_lib.collective_counts(compiled).values()) == 0
+  out, losses = mesh_lib.sharded_sub_run(trainer, mesh, *args)
+  ref, ref_losses = trainer.sub_run(*args)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(out),
+                  jax.tree_util.tree_leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
