@@ -5,6 +5,8 @@ lax.conv-in-scan CNN path, dominated by the CNN N=256 call):
 
   python experiments/bench_throughput.py --json out/bench_throughput.json
   python experiments/bench_throughput.py --quick      # smoke run
+  python experiments/bench_throughput.py --models=cnn --n=16 --profile=16 \
+      --nocompare_vmap_all                             # where the time goes
 
 For every model (digits-MLP, Fashion-MNIST-CNN) and every N it measures, in
 one process, provider-steps per second of:
@@ -82,6 +84,11 @@ flags.DEFINE_bool("compare_vmap_all", True, "also time the sub-run with all "
                   "N providers in one vmap (no provider blocks)")
 flags.DEFINE_bool("quick", False, "smoke run: N in {1, 4}, k=3, 2 repeats")
 flags.DEFINE_string("json", None, "write the figures to this JSON file")
+flags.DEFINE_integer("profile", 0, "where the time goes: trace one replicated "
+                     "sub-run of this many providers per model "
+                     "(jax.profiler) and print the costliest XLA ops with "
+                     "what they compute (0: off)")
+flags.DEFINE_integer("profile_top", 15, "ops listed by --profile")
 
 
 def load_avg() -> list[float]:
@@ -221,6 +228,49 @@ def bench_replicated(case: Case, n: int, k: int, repeats: int) -> dict:
           "warmup_used_as_measurement": repeats == 0,
           "provider_steps_per_s": n * k / t,
           "xla_flops_per_subrun": xla_flops(compiled)}
+
+
+def profile_replicated(case: Case, n: int, k: int, top: int) -> list[dict]:
+  """The costliest XLA ops of one replicated sub-run call, from a
+  `jax.profiler` trace (perfetto JSON) of the compiled program, each with
+  the JAX operation it came from (HLO metadata op_name)."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  args = case.inputs(n, k)
+  compiled = case.sim.trainer.sub_run.lower(*args).compile()
+  jax.block_until_ready(compiled(*args))
+  hlo = compiled.as_text()
+  with tempfile.TemporaryDirectory() as d:
+    start = time.perf_counter()
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(compiled(*args))
+    wall = time.perf_counter() - start
+    paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
+             if f.endswith(".trace.json.gz")]
+    with gzip.open(paths[0]) as f:
+      trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  total, calls = {}, {}
+  for e in events:
+    name = e.get("name", "")
+    # Complete events of the compiled program's ops (not Python frames or
+    # the executor's own spans).
+    if e.get("ph") != "X" or name.startswith("$") or "Thunk" in name:
+      continue
+    total[name] = total.get(name, 0.0) + e.get("dur", 0) / 1e6
+    calls[name] = calls.get(name, 0) + 1
+  rows, op_time = [], sum(total.values())
+  for name in sorted(total, key=total.get, reverse=True)[:top]:
+    line = re.search(r"^\s*(?:ROOT )?%?" + re.escape(name) + r" = (\S+) (.*)$",
+                     hlo, re.M)
+    origin = re.search(r'op_name="([^"]*)"', line.group(2)) if line else None
+    rows.append({"op": name, "seconds": total[name], "calls": calls[name],
+                 "share_of_op_time": total[name] / op_time,
+                 "shape": line.group(1) if line else "",
+                 "from": origin.group(1).split("/")[-2:] if origin else []})
+  del wall
+  return rows
 
 
 # ----------------------------------------------------------------------------
@@ -405,6 +455,17 @@ def main():
   rows = []
   for name in args.models:
     case = Case(name, args.n[-1], args.steps, args.batch)
+    if args.profile:
+      rows_p = profile_replicated(case, args.profile, args.steps,
+                                  args.profile_top)
+      result.setdefault("profile", {})[name] = rows_p
+      print(f"\n== {name}: costliest XLA ops of one replicated sub-run, "
+            f"N={args.profile}, k={args.steps} (share of the summed op "
+            f"time; the trace itself slows the call)")
+      for r in rows_p:
+        print(f"  {r['seconds'] * 1e3:8.1f} ms {100 * r['share_of_op_time']:5.1f} % "
+              f"x{r['calls']:<4} {r['op'][:26]:26} {r['shape'][:38]:38} "
+              f"{'/'.join(r['from'])}")
     fl = case.flops["train"]
     print(f"\n== {name} on {case.dataset} {case.model.input_shape}, "
           f"{case.num_params} params, analytic {fl / 1e6:.2f} MFLOP per "
