@@ -63,11 +63,12 @@ import _common
 from jaxrep import models, protocol
 from jaxrep.config import SimConfig
 
-DATASET_OF = {"mlp": "digits", "cnn": "fashion_mnist_idx"}
+DATASET_OF = {"mlp": "digits", "cnn": "fashion_mnist_idx",
+              "resnet20": "fashion_mnist_idx"}
 METHODS = ("replicated", "vmap_all", "jax_loop", "torch_loop")
 
 _common.define_list("n", "1,16,64,256", "population sizes N", kind=int)
-_common.define_list("models", "mlp,cnn", "mlp runs on digits, cnn on "
+_common.define_list("models", "mlp,cnn", "mlp runs on digits, cnn and resnet20 on "
                     "Fashion-MNIST", choices=sorted(DATASET_OF))
 flags.DEFINE_integer("steps", 10, "steps per sub-run k")
 flags.DEFINE_integer("batch", 32, "examples per step")
@@ -317,8 +318,11 @@ def torch_setup(case: Case) -> dict | None:
     import _torch_models  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return {"skipped": f"torch not importable ({e})"}
-  module = _torch_models.build(case.name, case.model.num_classes,
-                               case.model.input_shape)
+  try:
+    module = _torch_models.build(case.name, case.model.num_classes,
+                                 case.model.input_shape)
+  except ValueError as e:
+    return {"skipped": str(e)}
   _torch_models.load_flax_params(module, case.params)
   n_torch = _torch_models.num_params(module)
   # Same function: compare logits of the mirror and of jaxrep on one batch.
