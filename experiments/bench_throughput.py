@@ -548,8 +548,8 @@ def main():
         r = rates[method].get(n)
         if r is None:
           rows.append((name, n, method, None, None, None, None, None,
-                       "skipped (torch not installed)" if method ==
-                       "torch_loop" else "skipped"))
+                       f"skipped ({torch_info.get('skipped', '')})"
+                       if method == "torch_loop" else "skipped"))
           continue
         d = details[method][n]
         note = []
