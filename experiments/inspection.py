@@ -95,29 +95,35 @@ SETTINGS = {
 # Cleanse uses the first 64 of them), STRIP's overlays the next 179.
 CLEAN, NC_CLEAN, OVERLAY = 180, 64, 179
 
-_common.define_list("datasets", ["digits", "fashion_mnist_idx"],
-                    "datasets (digits: MLP, fashion_mnist_idx: CNN)",
-                    choices=tuple(SETTINGS))
-_common.define_list("cases", list(CASES), "attacks and failure cases",
-                    choices=CASES)
-_common.define_list("seeds", list(range(10)), "seeds", kind=int)
-_common.define_list("skip", [], "dataset:detector pairs not to run (their "
-                    "cells record the detector as skipped)")
-flags.DEFINE_integer("providers", 8, "providers n")
-flags.DEFINE_integer("malicious", -1, "malicious providers (-1: n / 2)")
-flags.DEFINE_integer("steps", 0, "training steps T (0: the dataset's)")
-flags.DEFINE_integer("subrun_steps", 0, "steps k per sub-run (0: the "
-                     "dataset's)")
-flags.DEFINE_integer("replicated", 0, "replicated sub-runs m (0: the "
-                     "dataset's)")
-flags.DEFINE_string("out", "../runs/inspection", "output directory")
-flags.DEFINE_bool("separation", True, "also measure STRIP's separation "
-                  "AUROC of triggered vs clean inputs (report only; costs "
-                  "about twice STRIP itself)")
-flags.DEFINE_bool("probe_skipped", True, "time a skipped detector on one "
-                  "provider in the dataset's first cell")
-flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
-                  "cells found in --out")
+
+def define_flags() -> None:
+  """The script's flags. Defined only when it runs as a script: several
+  names (providers, steps, out, ...) are also the main job's flags, and
+  absl's flags are global to a process (tests import this module beside
+  `jaxrep.simulate`)."""
+  _common.define_list("datasets", ["digits", "fashion_mnist_idx"],
+                      "datasets (digits: MLP, fashion_mnist_idx: CNN)",
+                      choices=tuple(SETTINGS))
+  _common.define_list("cases", list(CASES), "attacks and failure cases",
+                      choices=CASES)
+  _common.define_list("seeds", list(range(10)), "seeds", kind=int)
+  _common.define_list("skip", [], "dataset:detector pairs not to run (their "
+                      "cells record the detector as skipped)")
+  flags.DEFINE_integer("providers", 8, "providers n")
+  flags.DEFINE_integer("malicious", -1, "malicious providers (-1: n / 2)")
+  flags.DEFINE_integer("steps", 0, "training steps T (0: the dataset's)")
+  flags.DEFINE_integer("subrun_steps", 0, "steps k per sub-run (0: the "
+                       "dataset's)")
+  flags.DEFINE_integer("replicated", 0, "replicated sub-runs m (0: the "
+                       "dataset's)")
+  flags.DEFINE_string("out", "../runs/inspection", "output directory")
+  flags.DEFINE_bool("separation", True, "also measure STRIP's separation "
+                    "AUROC of triggered vs clean inputs (report only; costs "
+                    "about twice STRIP itself)")
+  flags.DEFINE_bool("probe_skipped", True, "time a skipped detector on one "
+                    "provider in the dataset's first cell")
+  flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
+                    "cells found in --out")
 
 
 # ----------------------------------------------------------------------------
@@ -607,6 +613,7 @@ def main(args) -> None:
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.WARNING)
+  define_flags()
   argv = cli.parse_flags(sys.argv)
   if len(argv) > 1:
     cli.fail(f"unexpected arguments {argv[1:]}; every option is a --flag")
