@@ -68,8 +68,8 @@ DATASET_OF = {"mlp": "digits", "cnn": "fashion_mnist_idx",
 METHODS = ("replicated", "vmap_all", "jax_loop", "torch_loop")
 
 _common.define_list("n", "1,16,64,256", "population sizes N", kind=int)
-_common.define_list("models", "mlp,cnn", "mlp runs on digits, cnn and resnet20 on "
-                    "Fashion-MNIST", choices=sorted(DATASET_OF))
+_common.define_list("models", "mlp,cnn", "mlp runs on digits, cnn and "
+                    "resnet20 on Fashion-MNIST", choices=sorted(DATASET_OF))
 flags.DEFINE_integer("steps", 10, "steps per sub-run k")
 flags.DEFINE_integer("batch", 32, "examples per step")
 flags.DEFINE_integer("repeats", 3, "timed calls per measurement")
@@ -243,10 +243,8 @@ def profile_replicated(case: Case, n: int, k: int, top: int) -> list[dict]:
   jax.block_until_ready(compiled(*args))
   hlo = compiled.as_text()
   with tempfile.TemporaryDirectory() as d:
-    start = time.perf_counter()
     with jax.profiler.trace(d, create_perfetto_trace=True):
       jax.block_until_ready(compiled(*args))
-    wall = time.perf_counter() - start
     paths = [os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs
              if f.endswith(".trace.json.gz")]
     with gzip.open(paths[0]) as f:
@@ -270,7 +268,6 @@ def profile_replicated(case: Case, n: int, k: int, top: int) -> list[dict]:
                  "share_of_op_time": total[name] / op_time,
                  "shape": line.group(1) if line else "",
                  "from": origin.group(1).split("/")[-2:] if origin else []})
-  del wall
   return rows
 
 
@@ -533,7 +530,6 @@ def main():
     for n in args.n:
       res = details["replicated"][n]
       k = res["k"]
-      prev_rate = rates["replicated"][n]
       xf = res["xla_flops_per_subrun"]
       res["analytic_flops_per_subrun"] = fl * n * k
       res["xla_over_analytic"] = None if xf is None else xf / (fl * n * k)

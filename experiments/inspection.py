@@ -66,7 +66,7 @@ from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
 from jaxrep.detect import inspection as insp
 from jaxrep.detect import metrics as metrics_lib
-from jaxrep.protocol import calibration
+from jaxrep.protocol import loop
 from jaxrep.protocol.results import evaluate
 from jaxrep.report import results as report_results
 from jaxrep.protocol.steps import model_distances, subrun_step
@@ -230,12 +230,8 @@ def run_protocol(config: SimConfig, ds):
   """The RTTD protocol of `config` end to end, as `protocol.run` runs it
   (without checkpoints); returns (sim, final state, SimResult)."""
   config = protocol.validate(config)
-  adv = calibration.from_config(config, ds)
-  extra = {} if adv is None else dict(
-      behaviour=adv.behaviour, hooks=adv.hooks,
-      behaviour_for_subrun=adv.behaviour_for_subrun)
   start = time.perf_counter()
-  sim = protocol.setup(config, dataset=ds, **extra)
+  sim = loop.simulation(config, dataset=ds)
   state = protocol.initial_state(sim)
   returned = None
   while state.progress.next_subrun < sim.config.num_subruns:

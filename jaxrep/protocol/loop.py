@@ -61,6 +61,25 @@ def _progress_bar(sim: Simulation, state: ProtocolState):
               unit="sub-run", dynamic_ncols=True)
 
 
+def simulation(config: SimConfig, *,
+               dataset: data_lib.Dataset | None = None,
+               record_metrics: tuple[str, ...] = (), behaviour: Any = None,
+               hooks: Any = None,
+               behaviour_for_subrun: Callable | None = None) -> Simulation:
+  """The `Simulation` that `run` runs (arguments as in `run`): `setup`, with
+  the config's adaptive attackers (`--adaptive`) built on the loaded dataset
+  when no behaviour is given."""
+  if behaviour is None and config.attack.adaptive != "none":
+    validate(config)
+    dataset = dataset if dataset is not None else load(config)
+    adv = calibration.from_config(config, dataset)
+    behaviour, hooks = adv.behaviour, adv.hooks
+    behaviour_for_subrun = adv.behaviour_for_subrun
+  return setup(config, dataset=dataset, behaviour=behaviour, hooks=hooks,
+               behaviour_for_subrun=behaviour_for_subrun,
+               record_metrics=record_metrics)
+
+
 def run(config: SimConfig, *, progress: bool = True,
         dataset: data_lib.Dataset | None = None,
         record_metrics: tuple[str, ...] = (),
@@ -93,17 +112,9 @@ def run(config: SimConfig, *, progress: bool = True,
       sub-runs. It cannot see which sub-runs are replicated.
   """
   t0 = time.perf_counter()
-  if behaviour is None and config.attack.adaptive != "none":
-    # Adaptive attackers from the config (--adaptive): built on the loaded
-    # dataset, which setup then reuses.
-    validate(config)
-    dataset = dataset if dataset is not None else load(config)
-    adv = calibration.from_config(config, dataset)
-    behaviour, hooks = adv.behaviour, adv.hooks
-    behaviour_for_subrun = adv.behaviour_for_subrun
-  sim = setup(config, dataset=dataset, behaviour=behaviour, hooks=hooks,
-              behaviour_for_subrun=behaviour_for_subrun,
-              record_metrics=record_metrics)
+  sim = simulation(config, dataset=dataset, record_metrics=record_metrics,
+                   behaviour=behaviour, hooks=hooks,
+                   behaviour_for_subrun=behaviour_for_subrun)
   state = initial_state(sim)
   ckpt = None
   if workdir is not None:

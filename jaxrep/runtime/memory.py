@@ -109,8 +109,19 @@ def jaxpr_bytes(jaxpr) -> int:
   return total
 
 
-def _first(tree):
-  return jax.tree_util.tree_map(lambda a: a[0], tree)
+def one_provider(tree):
+  """Abstract shapes of one provider's slice of a tree whose leaves have a
+  leading provider axis."""
+  return jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), tree)
+
+
+def single_step_bytes(single_step, state, x, y, key, div, behaviour) -> int:
+  """Temporaries of one provider's training step `single_step(*state, x, y,
+  key, div, behaviour)`, traced on abstract (or one provider's) arguments:
+  nothing is computed or allocated."""
+  jaxpr = jax.make_jaxpr(single_step)(*state, x, y, key, div, behaviour)
+  return jaxpr_bytes(jaxpr.jaxpr)
 
 
 def step_bytes(trainer, behaviour, div, x_example, y_example,
@@ -122,20 +133,15 @@ def step_bytes(trainer, behaviour, div, x_example, y_example,
   bytes(B) = fixed + B * per_example.
   """
   pop = jax.eval_shape(lambda k: trainer.init(k, 1), jax.random.key(0))
-  one = lambda t: jax.tree_util.tree_map(
-      lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)
-  params, opt_state, model_state = one(pop.params), one(pop.opt_state), \
-      one(pop.model_state)
-  div1, beh1 = _first(div), _first(behaviour)
+  state = one_provider(tuple(pop))
+  div1, beh1 = one_provider(div), one_provider(behaviour)
   key = jax.random.key(0)
 
   def traced(b):
     x = jax.ShapeDtypeStruct((b, *np.shape(x_example)), x_example.dtype)
     y = jax.ShapeDtypeStruct((b, *np.shape(y_example)), y_example.dtype)
-    jaxpr = jax.make_jaxpr(trainer.single_step)(params, opt_state,
-                                                model_state, x, y, key, div1,
-                                                beh1)
-    return jaxpr_bytes(jaxpr.jaxpr)
+    return single_step_bytes(trainer.single_step, state, x, y, key, div1,
+                             beh1)
 
   b = max(1, int(batch_size))
   t1, t2 = traced(b), traced(2 * b)

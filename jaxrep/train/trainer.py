@@ -19,8 +19,8 @@ Benign is the zero behaviour, so a mixed population is ONE computation, compiled
 once per shape and reused for every sub-run.
 
 Provider blocks: inside the one compiled sub-run, the n providers are trained
-`block` at a time (a `lax.map` over n/block blocks, each the k-step scan of a
-vmap over `block` providers). On XLA:CPU a vmap over all n makes every
+`block` at a time (a `fori_loop` over the n/block blocks, each the k-step scan
+of a vmap over `block` providers). On XLA:CPU a vmap over all n makes every
 temporary of the step n times larger, so the step stops fitting in the cache
 and runs slower per provider than a loop (measured: the Fashion-MNIST CNN at
 n=16 ran 2.3x faster in blocks of one, the digits MLP at n=256 1.5x faster in
@@ -58,13 +58,13 @@ from jaxrep.models import Model
 from jaxrep.runtime import memory as memory_lib
 
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
 # Auto provider block on CPU: one block's step temporaries (bytes per
 # provider-step summed over the traced step, times the providers of the
 # block) stay within this. Chosen by measurement on the digits MLP and the
 # Fashion-MNIST CNN (BUILD_NOTES "Provider blocks").
 CPU_BLOCK_BYTES = 64 * 2**20
-SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,14 +272,12 @@ def make_trainer(model: Model, config: TrainConfig,
 
   def step_bytes(pop, x_train, y_train, schedule, keys, div, behaviour):
     """Temporaries of one provider's training step (traced, not run)."""
-    one = lambda t: jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), t)
+    one = memory_lib.one_provider
     batch = schedule.shape[-1]
     x = jax.ShapeDtypeStruct((batch, *x_train.shape[1:]), x_train.dtype)
     y = jax.ShapeDtypeStruct((batch, *y_train.shape[1:]), y_train.dtype)
-    jaxpr = jax.make_jaxpr(single_step)(*one(tuple(pop)), x, y, one(keys),
-                                        one(div), one(behaviour))
-    return memory_lib.jaxpr_bytes(jaxpr.jaxpr)
+    return memory_lib.single_step_bytes(single_step, one(tuple(pop)), x, y,
+                                        one(keys), one(div), one(behaviour))
 
   def block_of(n, devices, args):
     per_device = provider_block or auto_block(step_bytes(*args),
@@ -388,7 +386,7 @@ def make_trainer(model: Model, config: TrainConfig,
           behaviour, keys, schedule, y_train)          # [n, k, B]
       step, order = vstep_own, jnp.swapaxes(own, 0, 1)
     (params, opt_state, model_state), losses = blocked_steps(
-        step, block, devices if n % devices == 0 else 1, tuple(pop), x_train, y_train, order, keys, div,
+        step, block, devices, tuple(pop), x_train, y_train, order, keys, div,
         behaviour)
     params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
     end = Population(params, opt_state, model_state)
