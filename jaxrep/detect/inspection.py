@@ -4,8 +4,10 @@ These are the defences a client would use *instead of* replication: each is
 given only what the client has (the providers' returned models and clean
 data; no trigger, no attack kind) and returns a per-provider score and flag.
 All of them are batched over providers: the per-provider (and per-class)
-work is one `vmap`-ed, jit-compiled program per model shape, in the way
-`jaxrep.train.trainer.evaluate` runs a population.
+work is one jit-compiled program per model shape. Providers are vmapped in
+blocks, as the trainer trains them (`jaxrep.train.trainer`): on CPU as many
+at once as keep one block's traced temporaries within the trainer's cache
+budget (one at a time for a CNN), on GPU/TPU all of them.
 
   neural_cleanse   trigger reverse-engineering in the style of Neural Cleanse
                    (Wang et al., S&P 2019): per class a minimal mask and
@@ -47,6 +49,8 @@ from scipy import stats
 
 from jaxrep.core.errors import require
 from jaxrep.models import Model
+from jaxrep.runtime import memory as memory_lib
+from jaxrep.train import trainer as train_lib
 
 # The consistency constant of the MAD for a normal distribution.
 MAD_SCALE = 1.4826
@@ -68,6 +72,30 @@ class Inspection(NamedTuple):
   flags: np.ndarray
   threshold: float
   details: dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------
+# Providers in blocks.
+
+
+def _per_provider(fn, block: int, provider_args: tuple):
+  """fn(*one provider's slice of provider_args) for every provider: one
+  vmap when `block` covers them all, else `lax.map` over blocks of `block`
+  vmapped providers (the last block may be shorter)."""
+  n = jax.tree_util.tree_leaves(provider_args)[0].shape[0]
+  one = lambda args: fn(*args)
+  if block >= n:
+    return jax.vmap(one)(provider_args)
+  return jax.lax.map(one, provider_args, batch_size=block)
+
+
+def provider_block(fn, provider_args: tuple) -> int:
+  """Providers per block for `_per_provider(fn, ., provider_args)` on the
+  default backend: `trainer.auto_block` of the temporaries ONE provider's
+  `fn` traces to (abstractly: nothing is computed)."""
+  jaxpr = jax.make_jaxpr(fn)(*memory_lib.one_provider(provider_args))
+  return train_lib.auto_block(memory_lib.jaxpr_bytes(jaxpr.jaxpr),
+                              jax.default_backend())
 
 
 # ----------------------------------------------------------------------------
@@ -209,12 +237,18 @@ def _reverse_one(model: Model, cfg: NeuralCleanseConfig, params, model_state,
   return jnp.where(jnp.isfinite(best), best, l1), l1, hit
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _reverse_all(model, cfg, params, model_state, x, classes, keys):
+def _reverse_provider(model, cfg, x, classes, keys):
+  """Every class of one provider: (params, model_state) -> per-class
+  (kept norm, last norm, success)."""
   per_class = jax.vmap(_reverse_one, in_axes=(None, None, None, None, None, 0, 0))
-  per_provider = jax.vmap(per_class, in_axes=(None, None, 0, 0, None, None, None))
-  norms, last, hit = per_provider(model, cfg, params, model_state, x, classes,
-                                  keys)
+  return lambda p, s: per_class(model, cfg, p, s, x, classes, keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _reverse_all(model, cfg, params, model_state, x, classes, keys, block):
+  norms, last, hit = _per_provider(
+      _reverse_provider(model, cfg, x, classes, keys), block,
+      (params, model_state))
   return norms, last, hit, mad_anomaly_index(norms)
 
 
@@ -234,7 +268,8 @@ def neural_cleanse(model: Model, params, model_state, x_clean, key, *,
   target needs a much smaller mask than the other classes. The score is the
   MAD anomaly index of the smallest norm among the classes,
   |min - median| / (1.4826 * MAD); flagged above `config.threshold` (2).
-  Classes and providers are vmapped: one compiled program per model shape.
+  Classes are vmapped and providers vmapped in blocks: one compiled program
+  per model shape.
 
   Args:
     model: the image model (all providers share its architecture).
@@ -254,8 +289,10 @@ def neural_cleanse(model: Model, params, model_state, x_clean, key, *,
   x = _check_images(x_clean, model, "x_clean")
   classes = _check_classes(classes, model.num_classes)
   keys = jax.random.split(key, classes.shape[0])
+  block = provider_block(_reverse_provider(model, config, x, classes, keys),
+                         (params, model_state))
   norms, last, hit, index = _reverse_all(model, config, params, model_state,
-                                         x, classes, keys)
+                                         x, classes, keys, block)
   scores = np.asarray(index, np.float64)
   assert scores.shape == (n,)
   return Inspection("neural_cleanse", scores, scores > config.threshold,
@@ -329,11 +366,16 @@ def _max_margin_one(model: Model, cfg: MaxMarginConfig, params, model_state,
   return jnp.maximum(best, jnp.max(margins(x)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _max_margins(model, cfg, params, model_state, classes, keys):
+def _margin_provider(model, cfg, classes, keys):
+  """Every class of one provider: (params, model_state) -> margins [C]."""
   per_class = jax.vmap(_max_margin_one, in_axes=(None, None, None, None, 0, 0))
-  per_provider = jax.vmap(per_class, in_axes=(None, None, 0, 0, None, None))
-  return per_provider(model, cfg, params, model_state, classes, keys)
+  return lambda p, s: per_class(model, cfg, p, s, classes, keys)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6))
+def _max_margins(model, cfg, params, model_state, classes, keys, block):
+  return _per_provider(_margin_provider(model, cfg, classes, keys), block,
+                       (params, model_state))
 
 
 def max_margin_pvalue(margins) -> float:
@@ -377,8 +419,10 @@ def max_margin(model: Model, params, model_state, key, *,
   config.validate()
   classes = _check_classes(classes, model.num_classes)
   keys = jax.random.split(key, classes.shape[0])
+  block = provider_block(_margin_provider(model, config, classes, keys),
+                         (params, model_state))
   margins = np.asarray(_max_margins(model, config, params, model_state,
-                                    classes, keys), np.float64)
+                                    classes, keys, block), np.float64)
   require(np.all(np.isfinite(margins)), "params",
           "a provider's model gives non-finite margins")
   pvalues = np.array([max_margin_pvalue(m) for m in margins])
@@ -422,12 +466,9 @@ class StripConfig:
     return self
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _strip_entropies(model, cfg, params, model_state, x, x_overlay, picks):
-  """[n, B] mean prediction entropy of each input in x [n or 1, B, ...]
-  blended with x_overlay[picks] ([B, overlays] indices, shared)."""
-  overlay = x_overlay[picks]                                 # [B, N, ...]
-
+def _strip_provider(model, cfg, overlay):
+  """One provider: (params, model_state, x [B, ...]) -> mean entropy [B]
+  of each input blended with `overlay` [B, overlays, ...]."""
   def one(p, s, x):
     blended = (1.0 - cfg.weight) * x[:, None] + cfg.weight * overlay
     flat = blended.reshape(-1, *x.shape[1:])
@@ -435,7 +476,16 @@ def _strip_entropies(model, cfg, params, model_state, x, x_overlay, picks):
     logp = jax.nn.log_softmax(logits)
     ent = -jnp.sum(jnp.exp(logp) * logp, -1)
     return ent.reshape(x.shape[0], cfg.overlays).mean(-1)
-  return jax.vmap(one, in_axes=(0, 0, 0))(params, model_state, x)
+  return one
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 7))
+def _strip_entropies(model, cfg, params, model_state, x, x_overlay, picks,
+                     block):
+  """[n, B] mean prediction entropy of each input in x [n, B, ...]
+  blended with x_overlay[picks] ([B, overlays] indices, shared)."""
+  return _per_provider(_strip_provider(model, cfg, x_overlay[picks]), block,
+                       (params, model_state, x))
 
 
 def strip_entropies(model: Model, params, model_state, x, x_overlay, key, *,
@@ -463,8 +513,10 @@ def strip_entropies(model: Model, params, model_state, x, x_overlay, key, *,
   x_overlay = _check_images(x_overlay, model, "x_overlay", 2)
   picks = jax.random.randint(key, (x.shape[1], config.overlays), 0,
                              x_overlay.shape[0])
+  block = provider_block(_strip_provider(model, config, x_overlay[picks]),
+                         (params, model_state, x))
   return np.asarray(_strip_entropies(model, config, params, model_state, x,
-                                     x_overlay, picks), np.float64)
+                                     x_overlay, picks, block), np.float64)
 
 
 def strip_boundary(entropies, frr: float) -> np.ndarray:
