@@ -3,12 +3,13 @@ r"""A sweep against separate main-job calls: the same cells, in one run.
 The headline grid (16 providers, 8 malicious, badnets, digits: the main
 job's defaults) over S seeds, run (a) as S separate
 `python -m jaxrep.simulate --seed=s` processes, one after another, as a user
-without sweeps would, and (b) as one `python -m jaxrep.sweep --seeds=0:S`.
-Both start from a cold compilation cache. Prints the wall seconds of each,
-their ratio, and whether every cell's summary is identical (wall time
-aside).
+without sweeps would, and (b) as one `python -m jaxrep.sweep --seeds=0:S
+--workers=W` for every W of --workers. Each starts from a cold compilation
+cache. Prints the wall seconds of each, the ratios, and whether every
+cell's summary is identical (wall time aside).
 
     python experiments/bench_sweep.py --seeds=10 --out=runs/bench_sweep
+    python experiments/bench_sweep.py --seeds=10 --workers=1,2,4
     python experiments/bench_sweep.py --seeds=2 --set=steps=100  # smoke run
 """
 
@@ -26,12 +27,15 @@ from absl import flags
 import jax
 
 import _common
+from jaxrep.sweep import store
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("seeds", 10, "seeds 0..S-1 of the grid")
 flags.DEFINE_string("out", "runs/bench_sweep", "scratch directory (emptied)")
 _common.define_list("set", "", "extra main-job settings name=value for "
                     "both (e.g. steps=100)")
+_common.define_list("workers", "1,2", "worker processes of each timed sweep",
+                    kind=int)
 
 # Summary figures that depend on the clock, not on the simulation.
 CLOCK = ("wall_seconds",)
@@ -60,25 +64,26 @@ def main() -> None:
       summaries[s] = json.load(f)["summary"]
     print(f"separate seed {s}: {separate:.1f} s so far", flush=True)
 
-  sweep_out = os.path.join(args.out, "sweep")
-  swept = _timed(["jaxrep.sweep", f"--seeds=0:{args.seeds}",
-                  f"--out={sweep_out}", "--noprogress", *extra])
-  with open(os.path.join(sweep_out, "cells.jsonl")) as f:
-    cells = {r["seed"]: r["summary"] for r in map(json.loads, f)}
-
-  differ = []
-  for s in seeds:
-    a = {k: v for k, v in summaries[s].items() if k not in CLOCK}
-    b = {k: v for k, v in cells[s].items() if k in a}
-    if a != b:
-      differ.append((s, sorted(k for k in a if a[k] != b.get(k))))
   print(f"\njax {jax.__version__} on {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPUs")
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
   print(f"{args.seeds} separate simulate calls: {separate:.1f} s")
-  print(f"one sweep of {args.seeds} cells:      {swept:.1f} s")
-  print(f"ratio: {separate / swept:.2f}x fewer seconds with the sweep")
-  print("per-cell summaries identical (wall time aside): "
-        + ("yes" if not differ else f"NO, {differ}"))
+  for w in args.workers:
+    sweep_out = os.path.join(args.out, f"sweep-{w}")
+    swept = _timed(["jaxrep.sweep", f"--seeds=0:{args.seeds}",
+                    f"--out={sweep_out}", "--noprogress", f"--workers={w}",
+                    *extra])
+    differ = []
+    cells = {r["seed"]: r["summary"]
+             for r in store.all_cells(sweep_out).values()}
+    for s in seeds:
+      a = {k: v for k, v in summaries[s].items() if k not in CLOCK}
+      b = {k: v for k, v in cells[s].items() if k in a}
+      if a != b:
+        differ.append((s, sorted(k for k in a if a[k] != b.get(k))))
+    print(f"one sweep of {args.seeds} cells, {w} worker(s): {swept:.1f} s, "
+          f"ratio {separate / swept:.2f}x fewer seconds; per-cell summaries "
+          "identical (wall time aside): "
+          + ("yes" if not differ else f"NO, {differ}"), flush=True)
 
 
 if __name__ == "__main__":

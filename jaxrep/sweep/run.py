@@ -1,7 +1,11 @@
 """Running a sweep's cells and writing its tables.
 
 Every cell is one `jaxrep.protocol.run` in this process: datasets are loaded
-once per data setting and shared by the cells that use them.
+once per data setting and shared by the cells that use them. With workers
+(`sweep_workers`), the cells are split into shards, each run by its own
+`python -m jaxrep.sweep --shard=i/W` process, and this process only checks,
+watches and aggregates: a cell that leaves cores idle (a small model) then
+shares the machine with others.
 """
 
 from __future__ import annotations
@@ -9,6 +13,9 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import subprocess
+import sys
+import time
 
 import numpy as np
 
@@ -122,7 +129,9 @@ def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
                      ("table.md", table_lib.to_markdown(
                          rows, axes, spec.description, shown))):
     path = os.path.join(out, name)
-    tmp = path + ".tmp"
+    # A temporary of this process's own: shards finishing together each
+    # write the tables.
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
       f.write(text)
     os.replace(tmp, path)
@@ -134,9 +143,11 @@ def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
 
 def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
           progress: bool = True, datasets: Datasets | None = None,
-          compilation_cache: str | None = "", log=print) -> list[str]:
+          compilation_cache: str | None = "", log=print,
+          tables: bool = True) -> list[str]:
   """Runs the cells of `spec` (or of one shard of them) that `out` does not
-  hold yet, then writes the tables; returns the files written.
+  hold yet (in any of its shards), then writes the tables (unless `tables`
+  is false); returns the files written.
 
   Everything is checked before anything trains (ConfigError naming the
   cell and field); `out` must hold no sweep or this one. Compiled programs
@@ -157,7 +168,7 @@ def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
     if shard is not None:
       cells = [c for c in cells if c.index % shard[1] == shard[0]]
     path = os.path.join(here, store.CELLS)
-    done = store.read_cells(path)
+    done = store.all_cells(out)
     todo = [c for c in cells if c.key not in done]
     if len(todo) < len(cells):
       log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells "
@@ -170,7 +181,104 @@ def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
       writer.close()
   finally:
     claim.release()
+  if not tables:
+    return []
   return write_tables(out, spec, list(store.all_cells(out).values()))
+
+
+class WorkerError(RuntimeError):
+  """A worker process of `sweep_workers` failed."""
+
+
+def _last_line(path: str) -> str:
+  try:
+    with open(path, errors="replace") as f:
+      lines = [l.strip() for l in f if l.strip()]
+  except OSError:
+    return ""
+  return lines[-1] if lines else ""
+
+
+def sweep_workers(spec: Spec, out: str, argv: list[str], workers: int, *,
+                  progress: bool = True, datasets: Datasets | None = None,
+                  poll: float = 0.5, log=print) -> list[str]:
+  """Runs the missing cells of `spec` in `workers` processes, then writes
+  the tables; returns the files written.
+
+  Worker i is `python -m jaxrep.sweep <argv> --shard=i/workers --noprogress
+  --notables` (argv: the sweep's own flags, which must describe `spec`); it
+  writes its cells to `<out>/shard-i-of-<workers>/` and its output to
+  `worker.log` there. Everything is checked here before any worker starts;
+  the workers share `out`'s compilation cache (an entry read while another
+  worker writes it is compiled again: XLA's cache warns and recompiles).
+  Raises WorkerError naming the first worker that failed and its last line.
+  """
+  require_workers(workers)
+  datasets = datasets or Datasets()
+  workdir.check(out)
+  check(spec, datasets)
+  claim = workdir.Claim(out)
+  try:
+    store.claim_manifest(out, spec.to_json(), spec.figures)
+    cells = spec.cells()
+    done = store.all_cells(out)
+    todo = [c for c in cells if c.key not in done]
+    if len(todo) < len(cells):
+      log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells "
+          "already finished")
+    shards = sorted({c.index % workers for c in todo})
+    _run_workers(out, argv, workers, shards, total=len(cells),
+                 progress=progress, poll=poll)
+  finally:
+    claim.release()
+  return write_tables(out, spec, list(store.all_cells(out).values()))
+
+
+def require_workers(workers: int) -> None:
+  if int(workers) != workers or workers < 1:
+    raise ConfigError(f"workers: must be an integer >= 1, got {workers!r}")
+
+
+def _run_workers(out: str, argv: list[str], workers: int, shards: list[int],
+                 *, total: int, progress: bool, poll: float) -> None:
+  """Starts the workers of `shards` and waits for them, counting the cells
+  they finish on a progress bar."""
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total, initial=len(store.all_cells(out)), desc="cells",
+               unit="cell", dynamic_ncols=True)
+  procs = []
+  try:
+    for i in shards:
+      here = store.shard_dir(out, (i, workers))
+      os.makedirs(here, exist_ok=True)
+      log_path = os.path.join(here, "worker.log")
+      with open(log_path, "w") as f:
+        procs.append((i, log_path, subprocess.Popen(
+            [sys.executable, "-m", "jaxrep.sweep", *argv,
+             f"--shard={i}/{workers}", "--noprogress", "--notables"],
+            stdout=f, stderr=subprocess.STDOUT)))
+    if bar is not None:
+      bar.set_postfix_str(f"{len(procs)} workers")
+    while any(p.poll() is None for _, _, p in procs):
+      time.sleep(poll)
+      if bar is not None:
+        bar.n = len(store.all_cells(out))
+        bar.refresh()
+  finally:
+    for _, _, p in procs:   # interrupted: stop the workers too
+      if p.poll() is None:
+        p.terminate()
+        p.wait()
+    if bar is not None:
+      bar.n = len(store.all_cells(out))
+      bar.close()
+  for i, log_path, p in procs:
+    if p.returncode != 0:
+      raise WorkerError(
+          f"sweep worker {i}/{workers} exited with status {p.returncode} "
+          f"({_last_line(log_path) or 'no output'}); its log: {log_path}")
 
 
 def merge(out: str, log=print) -> list[str]:

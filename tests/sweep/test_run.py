@@ -134,3 +134,49 @@ def test_a_real_sweep_records_each_cells_summary(tmp_path):
     assert r["summary"]["overhead_replication_steps"] == 30
   header = (tmp_path / "table.csv").read_text().splitlines()[0]
   assert header.startswith("malicious,seeds,tpr_mean")
+
+
+TINY = dict(providers=4, steps=20, subrun_steps=10, replicated=1,
+            attack_check=False, max_train=400, probe_size=32)
+
+
+def _summaries(out):
+  return {r["cell"]: {k: v for k, v in r["summary"].items()
+                      if k != "wall_seconds"}
+          for r in store.all_cells(out).values()}
+
+
+def test_workers_run_the_shards_in_processes_with_the_same_cells(tmp_path):
+  spec = Spec.parse(grid="malicious=1", seeds="0:3", fixed=TINY,
+                    figures=("tpr", "fpr", "final_clean_accuracy"))
+  out = str(tmp_path / "workers")
+  argv = ["--grid=malicious=1", "--seeds=0:3", "--figures=tpr,fpr,"
+          "final_clean_accuracy", f"--out={out}"] + [
+              f"--{k}={v}".lower() if isinstance(v, bool) else f"--{k}={v}"
+              for k, v in TINY.items()]
+  argv = [a.replace("--attack_check=false", "--noattack_check") for a in argv]
+  run_lib.sweep_workers(spec, out, argv, 2, progress=False)
+  # Each worker wrote its own shard (cell index mod 2), the parent the tables.
+  for i, n in ((0, 2), (1, 1)):
+    assert len(store.read_cells(os.path.join(
+        out, f"shard-{i}-of-2", store.CELLS))) == n
+  run_lib.sweep(spec, str(tmp_path / "one"), progress=False)
+  assert _summaries(out) == _summaries(str(tmp_path / "one"))
+  assert ((tmp_path / "workers" / "table.csv").read_text() ==
+          (tmp_path / "one" / "table.csv").read_text())
+  # Finished anywhere counts: the same sweep in one process runs nothing.
+  messages = []
+  run_lib.sweep(spec, out, progress=False, log=messages.append)
+  assert messages == ["resuming: 3 of 3 cells already finished"]
+
+
+def test_a_failing_worker_is_named_with_its_last_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(run_lib.protocol, "run", _fake_run([]))
+  out = str(tmp_path)
+  with pytest.raises(run_lib.WorkerError,
+                     match=r"worker 0/2 exited with status 2 \(error: .*"
+                           r"no_such_flag.*shard-0-of-2/worker.log"):
+    run_lib.sweep_workers(SPEC, out, ["--no_such_flag=1"], 2,
+                          progress=False)
+  with pytest.raises(ConfigError, match="^workers: must be an integer >= 1"):
+    run_lib.sweep_workers(SPEC, out, [], 0, progress=False)
