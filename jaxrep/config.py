@@ -194,7 +194,9 @@ class DetectorConfig:
   metric: str = field("l2", "l2, cosine, l1, linf, output, cka or zest",
                       check=V.text("a metric name"))
   name: str = field("replica", "replica (flags a provider with no near "
-                    "replica at the look; decides at the first look), ks, "
+                    "replica at the look; decides at the first look), "
+                    "replica_group (also flags every near-replica group "
+                    "outside a strict-majority group: colluders), ks, "
                     "zscore, krum, multikrum, median or cluster",
                     flag="detector", check=V.text("a detector name"))
   alpha: float = field(0.01, "significance level of the detector, in (0, 1)",
@@ -203,7 +205,7 @@ class DetectorConfig:
                            "exceed margin x the others' (1: the plain test; "
                            "see jaxrep/detect)", check=V.real(1.0, 1e12))
   replica_margin: float = field(
-      1e5, "replica: a provider is flagged when its distance to its "
+      1e5, "replica, replica_group: a provider is flagged when its distance to its "
       "nearest other participant exceeds margin x the 10th percentile of "
       "those nearest distances (chosen on an all-benign calibration "
       "setting, see BUILD_NOTES 'Replica detector')",

@@ -45,6 +45,15 @@ that took part. Scores are "higher = more suspicious"; flags are booleans.
   ratio there was 5.7e4. The margin is thin on both sides: attackers with
   their own backdoors scored >= 1.2e6 at 50 %, honest mixed-stack providers
   up to 1.0e5 in early runs with attackers (before the resolution floor).
+* replica_group: replica, plus colluders. Participants of the last look
+  closer than margin x s are linked; the connected components are groups of
+  near replicas. When one group is a strict majority of the look, everyone
+  outside it is flagged (lone attackers as under replica, and colluders who
+  return near-identical models, which replica passes); otherwise it is
+  replica. Honest stacks are within margin x s of each other (see replica),
+  so they form one group. Score: distance to the majority group in units of
+  s. It cannot break a tie: colluders at half the look pass, as under every
+  detector without a trusted replica.
 * ks (RTTD's test): for provider i, sample A_i = its distances to the other
   participants, and sample B_i = the pairwise distances among the other
   participants (every unordered pair j < l with j, l != i), both pooled over
@@ -105,8 +114,8 @@ from scipy import stats
 
 from jaxrep.core.errors import require
 
-DETECTORS = ("replica", "ks", "zscore", "krum", "multikrum", "median",
-             "cluster")
+DETECTORS = ("replica", "replica_group", "ks", "zscore", "krum", "multikrum",
+             "median", "cluster")
 REPLICA_QUANTILE = 0.1
 REPLICA_MARGIN = 1e5   # chosen on the calibration setting (module doc)
 
@@ -367,6 +376,25 @@ def cluster_detector(evidence: Evidence, n: int, margin: float = 10.0,
   return Verdict(scores=scores, flags=flags)
 
 
+def _replica_scale(sub: np.ndarray, quantile: float, floor: float
+                   ) -> tuple[np.ndarray, float]:
+  """(nn, s) of one look's member-by-member matrix `sub` (NaN = inf):
+  every member's distance to its nearest other member, and the replica
+  scale, the `quantile` of the finite nn distances but never below `floor`
+  (s = 0 when no nn distance is finite)."""
+  nn = np.min(np.where(np.eye(sub.shape[0], dtype=bool), np.inf, sub), axis=1)
+  finite = nn[np.isfinite(nn)]
+  if finite.size == 0:
+    return nn, 0.0
+  return nn, max(float(np.quantile(finite, quantile)), float(floor),
+                 np.finfo(float).tiny)
+
+
+def _member_matrix(d: np.ndarray, idx: np.ndarray) -> np.ndarray:
+  return np.nan_to_num(np.asarray(d, np.float64)[np.ix_(idx, idx)],
+                       nan=np.inf)
+
+
 def replica_ratios(d: np.ndarray, members: np.ndarray,
                    quantile: float = REPLICA_QUANTILE,
                    floor: float = 0.0) -> np.ndarray:
@@ -385,14 +413,9 @@ def replica_ratios(d: np.ndarray, members: np.ndarray,
   ratio = np.zeros(n)
   if idx.size < 2:
     return ratio
-  sub = np.nan_to_num(np.asarray(d, np.float64)[np.ix_(idx, idx)],
-                      nan=np.inf)
-  nn = np.min(np.where(np.eye(idx.size, dtype=bool), np.inf, sub), axis=1)
-  finite = nn[np.isfinite(nn)]
-  if finite.size == 0:
+  nn, s = _replica_scale(_member_matrix(d, idx), quantile, floor)
+  if s == 0.0:
     return ratio
-  s = max(float(np.quantile(finite, quantile)), float(floor),
-          np.finfo(float).tiny)
   ratio[idx] = np.minimum(nn / s, np.finfo(float).max)
   return ratio
 
@@ -420,6 +443,47 @@ def replica_detector(evidence: Evidence, n: int, margin: float,
   return Verdict(scores=score, flags=flags)
 
 
+def replica_group_detector(evidence: Evidence, n: int, margin: float,
+                           quantile: float = REPLICA_QUANTILE) -> Verdict:
+  """`replica`, plus colluders: on the LAST look, participants closer than
+  margin x s (the replica scale of `replica_ratios`) are linked, and the
+  connected components are the groups. When one group holds a strict
+  majority of the participants, everyone outside it is flagged: a lone
+  attacker (no near replica) as under `replica`, and a group of colluders
+  returning near-identical models, which `replica` passes. Without a
+  majority group it is `replica` (with its honest-half guard). Score:
+  distance to the majority group in units of s (0 inside it), else the
+  replica ratio. Assumes what `replica` assumes about honest providers
+  (each has a replica on its stack; stacks are within margin x s of each
+  other, so they form one group) and that honest providers are a strict
+  majority of the look."""
+  from scipy.sparse import csgraph
+  base = replica_detector(evidence, n, margin, quantile)
+  if not evidence.matrices:
+    return base
+  idx = np.flatnonzero(evidence.members[-1])
+  if idx.size < 3:
+    return base
+  sub = _member_matrix(evidence.matrices[-1], idx)
+  _, scale = _replica_scale(sub, quantile,
+                            evidence.floor(len(evidence.matrices) - 1))
+  if scale == 0.0:
+    return base
+  _, label = csgraph.connected_components(sub <= margin * scale,
+                                          directed=False)
+  sizes = np.bincount(label)
+  top = int(np.argmax(sizes))
+  if 2 * sizes[top] <= idx.size:
+    return base
+  inside = label == top
+  far = np.min(np.where(inside[None, :], sub, np.inf), axis=1) / scale
+  scores = np.zeros(n)
+  scores[idx] = np.where(inside, 0.0, np.minimum(far, np.finfo(float).max))
+  flags = np.zeros(n, bool)
+  flags[idx] = ~inside
+  return Verdict(scores=scores, flags=flags)
+
+
 def detect(name: str, evidence: Evidence, n: int, *, alpha: float = 0.01,
            krum_f: int | None = None, ks_margin: float = 1.0,
            replica_margin: float | None = None,
@@ -436,6 +500,8 @@ def detect(name: str, evidence: Evidence, n: int, *, alpha: float = 0.01,
           f"must be a finite factor >= 1, got {replica_margin!r}")
   if name == "replica":
     verdict = replica_detector(evidence, n, replica_margin)
+  elif name == "replica_group":
+    verdict = replica_group_detector(evidence, n, replica_margin)
   elif name == "ks":
     verdict = ks_detector(evidence, n, alpha, ks_margin)
   elif name == "zscore":

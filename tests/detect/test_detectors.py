@@ -348,3 +348,65 @@ def test_replica_look_flagging_more_than_half_flags_no_one():
   d = _stacks_population(rng, [0] * 8, mal)
   np.testing.assert_array_equal(
       detect.detect("replica", _one_look(d), 8).flags, mal)
+
+
+def _points_matrix(groups, rng, dim=50):
+  """Distance matrix of providers in `groups`: (count, spread, offset)
+  each, offset a scale of the group's shift from the common point."""
+  base = rng.normal(size=dim)
+  xs = []
+  for count, spread, offset in groups:
+    centre = base + offset * rng.normal(size=dim)
+    xs.append(centre + spread * rng.normal(size=(count, dim)))
+  x = np.concatenate(xs)
+  return np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
+
+
+def _one_look(d):
+  ev = detect.Evidence()
+  ev.add(d, np.ones(d.shape[0], bool))
+  return ev
+
+
+def test_replica_group_flags_colluders_that_replica_passes():
+  rng = np.random.default_rng(3)
+  for colluders in (2, 4, 6):
+    # 16 - colluders honest replicas (1e-6 apart), then colluders sharing
+    # one backdoor: near-replicas of each other, far from the honest.
+    d = _points_matrix([(16 - colluders, 1e-6, 0.0), (colluders, 1e-6, 1.0)],
+                       rng)
+    want = np.arange(16) >= 16 - colluders
+    assert not detect.detect("replica", _one_look(d), 16).flags.any()
+    v = detect.detect("replica_group", _one_look(d), 16)
+    np.testing.assert_array_equal(v.flags, want)
+    assert v.scores[want].min() > 1e5 and (v.scores[~want] == 0).all()
+
+
+def test_replica_group_keeps_honest_stacks_and_lone_attackers_as_replica():
+  rng = np.random.default_rng(4)
+  # Honest providers on three stacks (fp32 replicas 1e-6 apart; tf32 and
+  # bf16 replicas 1e-4 and 1e-3 apart, shifted 1e-3 from fp32) and three
+  # attackers with their own backdoors.
+  d = _points_matrix([(8, 1e-6, 0.0), (3, 1e-4, 1e-3), (2, 1e-3, 1e-3),
+                      (1, 1e-6, 1.0), (1, 1e-6, 1.0), (1, 1e-6, 1.0)], rng)
+  ev = _one_look(d)
+  replica = detect.detect("replica", ev, 16)
+  group = detect.detect("replica_group", ev, 16)
+  np.testing.assert_array_equal(replica.flags, np.arange(16) >= 13)
+  np.testing.assert_array_equal(group.flags, replica.flags)
+
+
+def test_replica_group_without_a_majority_group_is_replica():
+  rng = np.random.default_rng(5)
+  # Half colluding: two equal groups, no majority; nothing can tell them
+  # apart, and replica's honest-half guard keeps everyone.
+  d = _points_matrix([(8, 1e-6, 0.0), (8, 1e-6, 1.0)], rng)
+  ev = _one_look(d)
+  for name in ("replica", "replica_group"):
+    assert not detect.detect(name, ev, 16).flags.any()
+  # Only the last look counts, and non-participants are never flagged.
+  d2 = _points_matrix([(12, 1e-6, 0.0), (4, 1e-6, 1.0)], rng)
+  ev.add(d2, np.arange(16) != 15)
+  v = detect.detect("replica_group", ev, 16)
+  np.testing.assert_array_equal(v.flags, (np.arange(16) >= 12)
+                                & (np.arange(16) != 15))
