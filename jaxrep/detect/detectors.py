@@ -458,23 +458,23 @@ def replica_group_detector(evidence: Evidence, n: int, margin: float,
   other, so they form one group) and that honest providers are a strict
   majority of the look."""
   from scipy.sparse import csgraph
-  base = replica_detector(evidence, n, margin, quantile)
+  fallback = lambda: replica_detector(evidence, n, margin, quantile)
   if not evidence.matrices:
-    return base
+    return fallback()
   idx = np.flatnonzero(evidence.members[-1])
   if idx.size < 3:
-    return base
+    return fallback()
   sub = _member_matrix(evidence.matrices[-1], idx)
   _, scale = _replica_scale(sub, quantile,
                             evidence.floor(len(evidence.matrices) - 1))
   if scale == 0.0:
-    return base
+    return fallback()
   _, label = csgraph.connected_components(sub <= margin * scale,
                                           directed=False)
   sizes = np.bincount(label)
   top = int(np.argmax(sizes))
   if 2 * sizes[top] <= idx.size:
-    return base
+    return fallback()
   inside = label == top
   far = np.min(np.where(inside[None, :], sub, np.inf), axis=1) / scale
   scores = np.zeros(n)

@@ -141,6 +141,22 @@ def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
   return paths
 
 
+def _missing_cells(spec: Spec, out: str, shard: tuple[int, int] | None,
+                   log) -> tuple[list[Cell], list[Cell]]:
+  """Claims `out`'s manifest for `spec`; returns (the cells of `shard`, or
+  all of them, those not yet finished in any shard of `out`)."""
+  store.claim_manifest(out, spec.to_json(), spec.figures)
+  cells = spec.cells()
+  if shard is not None:
+    cells = [c for c in cells if c.index % shard[1] == shard[0]]
+  done = store.all_cells(out)
+  todo = [c for c in cells if c.key not in done]
+  if len(todo) < len(cells):
+    log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells "
+        "already finished")
+  return cells, todo
+
+
 def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
           progress: bool = True, datasets: Datasets | None = None,
           compilation_cache: str | None = "", log=print,
@@ -163,17 +179,8 @@ def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
     compilation.enable_cache(compilation_cache or
                              os.path.join(out, "xla_cache"))
   try:
-    store.claim_manifest(out, spec.to_json(), spec.figures)
-    cells = spec.cells()
-    if shard is not None:
-      cells = [c for c in cells if c.index % shard[1] == shard[0]]
-    path = os.path.join(here, store.CELLS)
-    done = store.all_cells(out)
-    todo = [c for c in cells if c.key not in done]
-    if len(todo) < len(cells):
-      log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells "
-          "already finished")
-    writer = store.CellWriter(path)
+    cells, todo = _missing_cells(spec, out, shard, log)
+    writer = store.CellWriter(os.path.join(here, store.CELLS))
     try:
       run_cells(todo, writer, datasets, progress=progress,
                 done=len(cells) - len(todo), total=len(cells))
@@ -219,13 +226,7 @@ def sweep_workers(spec: Spec, out: str, argv: list[str], workers: int, *,
   check(spec, datasets)
   claim = workdir.Claim(out)
   try:
-    store.claim_manifest(out, spec.to_json(), spec.figures)
-    cells = spec.cells()
-    done = store.all_cells(out)
-    todo = [c for c in cells if c.key not in done]
-    if len(todo) < len(cells):
-      log(f"resuming: {len(cells) - len(todo)} of {len(cells)} cells "
-          "already finished")
+    cells, todo = _missing_cells(spec, out, None, log)
     shards = sorted({c.index % workers for c in todo})
     _run_workers(out, argv, workers, shards, total=len(cells),
                  progress=progress, poll=poll)
