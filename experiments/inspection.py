@@ -61,7 +61,8 @@ from absl import flags, logging
 from scipy import stats
 
 import _common
-from jaxrep import cli, population, protocol, report
+from jaxrep import cli, distances, population, protocol, report
+from jaxrep.core import flops as flops_lib
 from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
 from jaxrep.detect import inspection as insp
@@ -124,6 +125,8 @@ def define_flags() -> None:
                     "provider in the dataset's first cell")
   flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
                     "cells found in --out")
+  flags.DEFINE_bool("flops", True, "count the client's FLOPs per provider "
+                    "(by tracing, nothing runs) for the cost table")
 
 
 # ----------------------------------------------------------------------------
@@ -325,6 +328,42 @@ def rttd_cost(sim, state) -> dict:
           "rttd_seconds_per_provider": m * (t_train + t_dist) / n}
 
 
+def dataset_flops(dataset: str, s: dict, ds_full) -> dict:
+  """The client's compute per provider in FLOPs (`jaxrep.core.flops`:
+  counted by tracing, loops by their trip counts, nothing runs), for the
+  cost table: one provider-step of training, RTTD's m * (one all-n sub-run +
+  one distance matrix) / n, and each inspection detector on one provider's
+  model with the inputs `inspect` gives it. Shapes only: the same for every
+  case and seed of a dataset (a badnets cell's simulation is built)."""
+  config = protocol.validate(cell_config(dataset, "badnets", 0, s))
+  sim = loop.simulation(config, dataset=_truncated(ds_full, s["test_size"]))
+  state = protocol.initial_state(sim)
+  n, k = sim.n, sim.config.protocol.subrun_steps
+  m = sim.config.protocol.replicated
+  train = flops_lib.count_flops(
+      lambda *a: sim.trainer.sub_run(*a)[0], state.own, sim.x_train,
+      sim.y_train, sim.schedule(0), sim.keys(0), sim.divergence,
+      sim.subrun_behaviour(0))
+  dist = flops_lib.count_flops(
+      lambda c, p, st: distances.distance_matrix(
+          sim.config.detector.metric, sim.model.predict, c, p, st,
+          sim.probe_x, jax.random.key(0)),
+      state.client.params, state.own.params, state.own.model_state)
+  x = np.asarray(ds_full.x_test)
+  x_clean, x_overlay = x[:CLEAN], x[CLEAN:CLEAN + OVERLAY]
+  p, st = state.own.params, state.own.model_state
+  out = {"provider_step": train / (n * k),
+         "rttd": m * (train + dist) / n,
+         "neural_cleanse": insp.flops_per_provider(
+             "neural_cleanse", sim.model, p, st, x_clean=x_clean[:NC_CLEAN]),
+         "max_margin": insp.flops_per_provider("max_margin", sim.model, p,
+                                               st),
+         "strip": insp.flops_per_provider("strip", sim.model, p, st,
+                                          x_clean=x_clean,
+                                          x_overlay=x_overlay)}
+  return {name: float(v) for name, v in out.items()}
+
+
 def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
              skip=(), probe_skipped: bool = False,
              separation: bool = True) -> dict:
@@ -448,8 +487,9 @@ def aggregate(cells: list[dict]) -> list[dict]:
   return rows
 
 
-def markdown(rows: list[dict]) -> str:
-  """The detection table and the cost table (markdown)."""
+def markdown(rows: list[dict], flops: dict | None = None) -> str:
+  """The detection table and the cost tables (markdown): seconds, and, for
+  the datasets in `flops` (`dataset_flops` by dataset), FLOPs."""
   lines = ["| dataset | case | seeds | attackers' ASR (min) | attackers' / "
            "benign clean acc | RTTD TPR / FPR | Neural Cleanse TPR / FPR | "
            "MM-BD TPR / FPR | STRIP TPR / FPR (separation AUROC) | client "
@@ -510,12 +550,26 @@ def markdown(rows: list[dict]) -> str:
                  f"(= {rttd / step:,.0f} steps) | {cost('neural_cleanse')} | "
                  f"{cost('max_margin')} | {cost('strip')} | "
                  f"{1e3 * step:.2f} |")
+  if flops:
+    lines += ["", "| dataset | one provider-step (MFLOP) | RTTD GFLOP / "
+              "provider | Neural Cleanse GFLOP / provider | MM-BD GFLOP / "
+              "provider | STRIP GFLOP / provider |", "|---|---|---|---|---|---|"]
+    for dataset, f in flops.items():
+      step = f["provider_step"]
+      cells = [f"{f[name] / 1e9:,.2f} (= {f[name] / step:,.0f} steps)"
+               for name in ("rttd",) + DETECTORS]
+      lines.append(f"| {dataset} | {step / 1e6:,.1f} | " + " | ".join(cells)
+                   + " |")
   lines += ["", "Rates in % pooled over providers and seeds, [Wilson 95 % "
             "interval]; ASR, accuracy and AUROC: mean ± half-width of the "
             "95 % t interval over seeds (ASR and accuracy in %). Seconds: "
             "median over cells of wall time / n (one batched call per "
             "detector; RTTD: m·(one all-n sub-run + one distance matrix) / "
-            "n), and in training provider-steps of the same model."]
+            "n), and in training provider-steps of the same model."
+            + (" FLOPs: counted from the programs' traces (jaxrep.core."
+               "flops: loops by their trip counts, padding counted), per "
+               "provider at the same settings, and in provider-steps by "
+               "FLOPs." if flops else "")]
   return "\n".join(lines) + "\n"
 
 
@@ -600,7 +654,19 @@ def main(args) -> None:
   cells = load_cells(args.out)
   if not cells:
     raise ConfigError(f"out: no cells under {args.out}")
-  table = markdown(aggregate(cells))
+  flops = None
+  if args.flops:
+    flops = {}
+    for dataset in dict.fromkeys(c["dataset"] for c in cells):
+      s = settings(dataset, args)
+      if not any(c["dataset"] == dataset and c["settings"] == s
+                 for c in cells):
+        print(f"{dataset}: no cell at the flags' settings {s}; no FLOP "
+              "count", file=sys.stderr)
+        continue
+      flops[dataset] = dataset_flops(dataset, s, protocol.load(
+          SimConfig.from_flat(dataset=dataset)))
+  table = markdown(aggregate(cells), flops)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "table.md"), "w") as fh:
     fh.write(table)

@@ -22,8 +22,8 @@ budget (one at a time for a CNN), on GPU/TPU all of them.
                    et al., ACSAC 2019): entropy of predictions on superimposed
                    inputs. From clean data alone it gives each provider's
                    filter (its detection boundary); the model-level score is
-                   how far the provider's clean-entropy distribution lies
-                   below the other providers' (see `strip`).
+                   the model's confidence under superimposition, a statistic
+                   of that model alone (see `strip`).
   strip_separation the report-only evaluation of the STRIP filter: AUROC of
                    its entropy between triggered and clean test inputs of one
                    provider's model (needs the triggered inputs, which a
@@ -31,7 +31,8 @@ budget (one at a time for a CNN), on GPU/TPU all of them.
 
 Every result is an `Inspection` (scores, flags, the threshold and per-class
 or per-input details as numpy arrays). A higher score is always more
-suspicious.
+suspicious. `flops_per_provider` counts what each detector costs the client
+per returned model (by tracing; nothing runs).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import numpy as np
 import optax
 from scipy import stats
 
+from jaxrep.core import flops as flops_lib
 from jaxrep.core.errors import require
 from jaxrep.models import Model
 from jaxrep.runtime import memory as memory_lib
@@ -354,8 +356,11 @@ def _max_margin_one(model: Model, cfg: MaxMarginConfig, params, model_state,
 
   def step(carry, _):
     x, opt_state, best = carry
-    (_, m), grads = jax.value_and_grad(
-        lambda x: (-jnp.sum(margins(x)), margins(x)), has_aux=True)(x)
+    def loss(x):
+      m = margins(x)
+      return -jnp.sum(m), m
+
+    (_, m), grads = jax.value_and_grad(loss, has_aux=True)(x)
     best = jnp.maximum(best, jnp.max(m))
     updates, opt_state = tx.update(grads, opt_state)
     x = jnp.clip(optax.apply_updates(x, updates), cfg.low, cfg.high)
@@ -597,3 +602,47 @@ def strip_separation(model: Model, params, model_state, x_clean, x_triggered,
   auc = (ranks[:, :b].sum(1) - b * (b + 1) / 2) / (b * bc)
   return {"auroc": auc, "tpr": (trig < boundary[:, None]).mean(1),
           "frr": (clean < boundary[:, None]).mean(1), "boundary": boundary}
+
+
+# ----------------------------------------------------------------------------
+# The client's compute.
+
+
+def flops_per_provider(detector: str, model: Model, params, model_state, *,
+                       x_clean=None, x_overlay=None, config=None,
+                       classes=None) -> int:
+  """FLOPs `detector` spends on ONE provider's model, as it runs on the
+  population (params, model_state with leading provider axis; arrays or
+  `jax.ShapeDtypeStruct`s), in the `jaxrep.core.flops` convention (loops
+  counted by their trip counts). Counted by tracing the same per-provider
+  program the detector compiles; nothing runs. Shapes are all that matter:
+  x_clean (neural_cleanse, strip) and x_overlay (strip) may be arrays or
+  structs of the inputs the detector would be given."""
+  require(detector in ("neural_cleanse", "max_margin", "strip"), "detector",
+          f"must be neural_cleanse, max_margin or strip, got {detector!r}")
+  _check_model(model, params)
+  key = jax.random.key(0)   # FLOPs do not depend on the random starts
+  classes = _check_classes(classes, model.num_classes)
+  keys = jax.random.split(key, classes.shape[0])
+  if detector == "neural_cleanse":
+    config = (config or NeuralCleanseConfig()).validate()
+    require(x_clean is not None, "x_clean", "neural_cleanse needs x_clean")
+    x = jnp.zeros(x_clean.shape, jnp.float32)
+    fn = _reverse_provider(model, config, x, classes, keys)
+    args = (params, model_state)
+  elif detector == "max_margin":
+    config = (config or MaxMarginConfig()).validate()
+    fn = _margin_provider(model, config, classes, keys)
+    args = (params, model_state)
+  else:
+    config = (config or StripConfig()).validate()
+    require(x_clean is not None and x_overlay is not None, "x_clean",
+            "strip needs x_clean and x_overlay")
+    overlay = jax.ShapeDtypeStruct(
+        (x_clean.shape[0], config.overlays, *x_overlay.shape[1:]),
+        jnp.float32)
+    x = jax.ShapeDtypeStruct(x_clean.shape, jnp.float32)
+    fn = lambda p, s, xb, o: _strip_provider(model, config, o)(p, s, xb)
+    return flops_lib.count_flops(fn, *memory_lib.one_provider(
+        (params, model_state)), x, overlay)
+  return flops_lib.count_flops(fn, *memory_lib.one_provider(args))

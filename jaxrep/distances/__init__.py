@@ -13,7 +13,8 @@ Modules:
   function_space.py  output-space and CKA distances (forward passes sharded
                      on a mesh)
   zest.py            Zest: distances between LIME surrogate signatures
-  registry.py        metric names, the dispatch `model_distances`, and
+  registry.py        metric names, the dispatch `model_distances` (and its
+                     on-device, traceable form `distance_matrix`), and
                      `resolution` (a metric's float32 resolution)
 """
 
@@ -26,7 +27,8 @@ from jaxrep.distances.numerics import (DEFAULT_BLOCK_SIZE,
                                        PARAM_METRICS)
 from jaxrep.distances.parameter_space import pairwise_distances, updates
 from jaxrep.distances.registry import (METRICS, ZEST_REFERENCES,
-                                       model_distances, resolution)
+                                       distance_matrix, model_distances,
+                                       resolution)
 from jaxrep.distances.ring import working_set_bytes
 from jaxrep.distances.zest import (ZEST_FILLS, ZestFit, zest_distances,
                                    zest_fit, zest_signatures)

@@ -47,6 +47,17 @@ def model_distances(metric: str, apply_fn: Callable, start_params, params,
   Returns:
     float64 numpy [n, n] matrix (on every process).
   """
+  return np.asarray(to_host(distance_matrix(
+      metric, apply_fn, start_params, params, model_state, probe_x, key,
+      mesh=mesh)), np.float64)
+
+
+def distance_matrix(metric: str, apply_fn: Callable, start_params, params,
+                    model_state, probe_x, key,
+                    mesh: Optional[Mesh] = None) -> jax.Array:
+  """`model_distances` as the float32 [n, n] array the kernels return (on
+  device, sharded like the providers with a mesh): traceable, e.g. to count
+  its FLOPs."""
   require(metric in METRICS, "metric",
           f"must be one of {METRICS}; got {metric!r}")
   if metric in PARAM_METRICS:
@@ -58,7 +69,7 @@ def model_distances(metric: str, apply_fn: Callable, start_params, params,
   else:
     d = zest_distances(apply_fn, params, model_state,
                        probe_x[:ZEST_REFERENCES], key, mesh=mesh)
-  return np.asarray(to_host(d), np.float64)
+  return d
 
 
 # Metrics whose float32 resolution `resolution` knows.

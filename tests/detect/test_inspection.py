@@ -167,3 +167,38 @@ def test_bad_inputs_name_the_argument(trained):
                jax.random.key(0))
   with pytest.raises(ConfigError, match="model"):
     insp.strip(object(), p, s, t["x_clean"], t["x_overlay"], jax.random.key(0))
+
+
+def test_flops_per_provider_counts_the_detectors_loops(trained):
+  """The client's compute per model, counted from the detectors' own
+  programs: MM-BD is linear in its steps with at least a forward and a
+  backward pass per start and class a step; STRIP is one forward pass per
+  superimposed input; Neural Cleanse grows with its clean inputs."""
+  from jaxrep.core.flops import count_flops
+  m, p, s = trained["model"], trained["params"], trained["state"]
+  one = jax.tree_util.tree_map(lambda a: a[0], (p, s))
+  fwd = count_flops(lambda x: m.predict(*one, x)[0],
+                    jnp.zeros((1, *m.input_shape)))
+  classes = m.num_classes
+
+  def mm(steps):
+    return insp.flops_per_provider("max_margin", m, p, s,
+                                   config=insp.MaxMarginConfig(steps=steps))
+
+  per_step = mm(20) - mm(10)
+  assert mm(30) - mm(20) == per_step
+  starts = insp.MaxMarginConfig().starts
+  assert 10 * classes * starts * 2 * fwd <= per_step <= (
+      10 * classes * starts * 4 * fwd)
+  x_clean, x_overlay = trained["x_clean"], trained["x_overlay"]
+  strip = insp.flops_per_provider("strip", m, p, s, x_clean=x_clean,
+                                  x_overlay=x_overlay)
+  n_inputs = len(x_clean) * insp.StripConfig().overlays
+  assert n_inputs * fwd <= strip <= 1.2 * n_inputs * fwd
+  nc = [insp.flops_per_provider("neural_cleanse", m, p, s,
+                                x_clean=x_clean[:b], config=insp.
+                                NeuralCleanseConfig(steps=5))
+        for b in (16, 32)]
+  assert 1.8 * nc[0] <= nc[1] <= 2.2 * nc[0]
+  with pytest.raises(ConfigError, match="detector"):
+    insp.flops_per_provider("activation_clustering", m, p, s)

@@ -115,3 +115,22 @@ def test_resume_refuses_other_settings(study, tmp_path, tiny_cell):
       out=str(tmp_path), table_only=False, probe_skipped=False)
   with pytest.raises(ConfigError, match="was run with"):
     study.main(args)
+
+
+def test_flops_table(study, digits, tiny_cell):
+  """FLOPs per provider from the programs' traces: RTTD's are its m * k
+  training steps per provider plus its share of one distance matrix per
+  look; the detectors' are positive and shown in a second cost table."""
+  from jaxrep.report.results import clean
+  s = tiny_cell["settings"]
+  f = study.dataset_flops("digits", s, digits)
+  m_k = s["replicated"] * s["subrun_steps"]
+  assert m_k * f["provider_step"] <= f["rttd"] <= 1.1 * m_k * f["provider_step"]
+  for name in study.DETECTORS:
+    assert f[name] > f["provider_step"], name
+  text = study.markdown(study.aggregate([clean(tiny_cell)]), {"digits": f})
+  header, row = [line for line in text.splitlines()
+                 if "MFLOP" in line or line.startswith("| digits | ")][-2:]
+  assert "MFLOP" in header   # the FLOP table comes last
+  assert f"{f['provider_step'] / 1e6:,.1f}" in row
+  assert f"(= {f['rttd'] / f['provider_step']:,.0f} steps)" in row
