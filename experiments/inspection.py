@@ -657,7 +657,8 @@ def main(args) -> None:
   flops = None
   if args.flops:
     flops = {}
-    for dataset in dict.fromkeys(c["dataset"] for c in cells):
+    for dataset in [d for d in SETTINGS if any(c["dataset"] == d
+                                                for c in cells)]:
       s = settings(dataset, args)
       if not any(c["dataset"] == dataset and c["settings"] == s
                  for c in cells):
