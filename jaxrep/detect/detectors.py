@@ -121,10 +121,13 @@ REPLICA_MARGIN = 1e5   # chosen on the calibration setting (module doc)
 
 
 class Verdict(NamedTuple):
-  """Per-provider detector output over the participants: arrays [n]."""
+  """Per-provider detector output over the participants: arrays [n], and
+  `note`, a sentence for the run's notes when the detector declined to
+  decide (None otherwise)."""
   scores: np.ndarray
   flags: np.ndarray
   pvalues: np.ndarray | None = None
+  note: str | None = None
 
 
 @dataclasses.dataclass
@@ -439,7 +442,11 @@ def replica_detector(evidence: Evidence, n: int, margin: float,
                          evidence.floor(len(evidence.matrices) - 1))
   flags = score > margin
   if flags.sum() > members.sum() // 2:
-    flags = np.zeros(n, bool)
+    note = (f"{int(flags.sum())} of {int(members.sum())} participants have "
+            f"no near replica (ratio > {margin:g}); the replica detector "
+            "assumes at most half of them attack, so it flagged no one at "
+            "this look")
+    return Verdict(scores=score, flags=np.zeros(n, bool), note=note)
   return Verdict(scores=score, flags=flags)
 
 

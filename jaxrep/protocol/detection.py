@@ -21,9 +21,12 @@ from jaxrep.protocol.state import Trust
 
 def detection_step(detector: DetectorConfig, evidence: detect_lib.Evidence,
                    trust: Trust, when: int,
-                   median_evidence: list[np.ndarray] | None = None) -> Trust:
+                   median_evidence: list[np.ndarray] | None = None
+                   ) -> tuple[Trust, str | None]:
   """Runs the detector on `evidence` and flags (at `when`) those it finds
-  among the trusted providers; scores of the trusted ones are updated."""
+  among the trusted providers; scores of the trusted ones are updated.
+  Returns the new trust and the detector's note (None unless it declined
+  to decide, see `detect.Verdict`)."""
   n = trust.active.shape[0]
   verdict = detect_lib.detect(
       detector.name, evidence, n, alpha=detector.alpha,
@@ -32,7 +35,7 @@ def detection_step(detector: DetectorConfig, evidence: detect_lib.Evidence,
       median_evidence=median_evidence)
   scores = np.where(trust.active, np.asarray(verdict.scores), trust.scores)
   trust = Trust(trust.active, trust.flagged_at, scores)
-  return trust.flag(verdict.flags & trust.active, when)
+  return trust.flag(verdict.flags & trust.active, when), verdict.note
 
 
 def medoid(d: np.ndarray, members: np.ndarray) -> int:
@@ -80,6 +83,6 @@ def replay(matrices: list[np.ndarray], n: int, detector: str, *,
     if detector == "median":
       med.append(np.asarray(detect_lib.median_distances(
           jnp.asarray(updates[r]), jnp.asarray(trust.active))))
-    trust = detection_step(config, evidence, trust, r,
-                           med if detector == "median" else None)
+    trust, _ = detection_step(config, evidence, trust, r,
+                              med if detector == "median" else None)
   return trust.flagged_at >= 0, trust.flagged_at, trust.scores

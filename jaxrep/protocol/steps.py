@@ -154,9 +154,11 @@ def replicated_step(sim: Simulation, state: ProtocolState, s: int,
   log = dataclasses.replace(log, matrices=matrices, members=members,
                             median=median, recorded=recorded, updates=updates,
                             floors=floors)
-  trust = detection_step(config.detector, log.evidence(r + 1), state.trust, s,
-                         list(median[:r + 1]))
+  trust, note = detection_step(config.detector, log.evidence(r + 1),
+                               state.trust, s, list(median[:r + 1]))
   progress = dataclasses.replace(state.progress, replicated_done=r + 1)
+  if note:
+    progress = progress.note(f"sub-run {s}: {note}")
   state = state.replace(trust=trust, log=log, progress=progress)
   if not trust.active.any():
     state = state.replace(progress=progress.note(

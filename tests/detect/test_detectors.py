@@ -341,13 +341,17 @@ def test_replica_look_flagging_more_than_half_flags_no_one():
   np.fill_diagonal(d, 0.0)
   d[0, 1] = d[1, 0] = 0.0
   assert (detect.replica_ratios(d, np.ones(8, bool)) > 1e5).sum() == 6
-  assert not detect.detect("replica", _one_look(d), 8).flags.any()
+  verdict = detect.detect("replica", _one_look(d), 8)
+  assert not verdict.flags.any()
+  # The run's notes say why no one was flagged.
+  assert verdict.note.startswith("6 of 8 participants have no near replica")
   # Exactly half is still flagged (50 % attackers).
   mal = np.zeros(8, bool)
   mal[[0, 2, 4, 6]] = True
   d = _stacks_population(rng, [0] * 8, mal)
-  np.testing.assert_array_equal(
-      detect.detect("replica", _one_look(d), 8).flags, mal)
+  verdict = detect.detect("replica", _one_look(d), 8)
+  np.testing.assert_array_equal(verdict.flags, mal)
+  assert verdict.note is None
 
 
 def _points_matrix(groups, rng, dim=50):
