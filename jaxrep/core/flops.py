@@ -65,11 +65,11 @@ def _size(aval) -> int:
 
 
 def _dot_flops(eqn) -> int:
-  lhs, rhs = (v.aval for v in eqn.invars[:2])
-  (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
-  contract = int(np.prod([lhs.shape[d] for d in lc], dtype=np.int64))
+  lhs = eqn.invars[0].aval
+  (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+  contract = int(np.prod([lhs.shape[d] for d in lhs_contracting],
+                         dtype=np.int64))
   # Output = batch x lhs free x rhs free; each entry costs `contract` MACs.
-  del rc, lb, rhs
   return 2 * _size(eqn.outvars[0].aval) * contract
 
 
