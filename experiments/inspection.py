@@ -243,6 +243,13 @@ def run_protocol(config: SimConfig, ds):
   return sim, state, result
 
 
+def inspection_inputs(ds_full) -> tuple[np.ndarray, np.ndarray]:
+  """(x_clean, x_overlay): the inspection detectors' clean test images and
+  STRIP's overlays (see CLEAN, OVERLAY)."""
+  x = np.asarray(ds_full.x_test)
+  return x[:CLEAN], x[CLEAN:CLEAN + OVERLAY]
+
+
 def inspect(sim, own, ds_full, seed: int, skip=(),
             probe_skipped: bool = False, separation: bool = True) -> dict:
   """Every inspection detector on the providers' finished models `own`,
@@ -250,8 +257,7 @@ def inspect(sim, own, ds_full, seed: int, skip=(),
   run, except (probe_skipped) on one provider to time it."""
   model, n = sim.model, sim.n
   p, s = own.params, own.model_state
-  x = np.asarray(ds_full.x_test)
-  x_clean, x_overlay = x[:CLEAN], x[CLEAN:CLEAN + OVERLAY]
+  x_clean, x_overlay = inspection_inputs(ds_full)
   key = jax.random.fold_in(jax.random.key(seed), 18)
   calls = {
       "neural_cleanse": lambda: insp.neural_cleanse(model, p, s,
@@ -349,8 +355,7 @@ def dataset_flops(dataset: str, s: dict, ds_full) -> dict:
           sim.config.detector.metric, sim.model.predict, c, p, st,
           sim.probe_x, jax.random.key(0)),
       state.client.params, state.own.params, state.own.model_state)
-  x = np.asarray(ds_full.x_test)
-  x_clean, x_overlay = x[:CLEAN], x[CLEAN:CLEAN + OVERLAY]
+  x_clean, x_overlay = inspection_inputs(ds_full)
   p, st = state.own.params, state.own.model_state
   out = {"provider_step": train / (n * k),
          "rttd": m * (train + dist) / n,

@@ -620,7 +620,7 @@ def flops_per_provider(detector: str, model: Model, params, model_state, *,
   structs of the inputs the detector would be given."""
   require(detector in ("neural_cleanse", "max_margin", "strip"), "detector",
           f"must be neural_cleanse, max_margin or strip, got {detector!r}")
-  _check_model(model, params)
+  n = _check_model(model, params)
   key = jax.random.key(0)   # FLOPs do not depend on the random starts
   classes = _check_classes(classes, model.num_classes)
   keys = jax.random.split(key, classes.shape[0])
@@ -638,11 +638,9 @@ def flops_per_provider(detector: str, model: Model, params, model_state, *,
     config = (config or StripConfig()).validate()
     require(x_clean is not None and x_overlay is not None, "x_clean",
             "strip needs x_clean and x_overlay")
-    overlay = jax.ShapeDtypeStruct(
-        (x_clean.shape[0], config.overlays, *x_overlay.shape[1:]),
-        jnp.float32)
-    x = jax.ShapeDtypeStruct(x_clean.shape, jnp.float32)
-    fn = lambda p, s, xb, o: _strip_provider(model, config, o)(p, s, xb)
-    return flops_lib.count_flops(fn, *memory_lib.one_provider(
-        (params, model_state)), x, overlay)
+    overlay = jnp.zeros((x_clean.shape[0], config.overlays,
+                         *x_overlay.shape[1:]), jnp.float32)
+    fn = _strip_provider(model, config, overlay)
+    args = (params, model_state,
+            jax.ShapeDtypeStruct((n, *x_clean.shape), jnp.float32))
   return flops_lib.count_flops(fn, *memory_lib.one_provider(args))
