@@ -209,10 +209,21 @@ def make_hooks(trigger: Trigger, behaviour: Behaviour,
   """Hooks for `train.make_trainer`; model replacement only if some provider
   uses it, data ordering only if some provider reorders, and `plant(b,
   params) -> params` (a family's post-training change of the returned model,
-  e.g. a planted secret key) applied after model replacement if given."""
+  e.g. a planted secret key) applied after model replacement if given.
+
+  Equal choices give the same `Hooks` object, so simulations that differ
+  only in per-provider data (seeds, targets, triggers) share one trainer and
+  its compiled programs (`train.make_trainer` is cached on its arguments).
+  """
   use_scale = bool(np.any(np.asarray(behaviour.scale) != 1.0))
   use_order = bool(np.any(np.asarray(behaviour.is_attack("data_order"))
                           & (np.asarray(behaviour.order) > 0)))
+  return _hooks(trigger, use_scale, use_order, plant)
+
+
+@functools.lru_cache(maxsize=64)
+def _hooks(trigger: Trigger, use_scale: bool, use_order: bool,
+           plant: Callable | None) -> Hooks:
   end = finalize if use_scale else Hooks().finalize
   if plant is not None:
     scaled = end

@@ -267,8 +267,7 @@ def _keep_history(state: ProtocolState, s: int) -> ProtocolState:
   """Stores the client's checkpoint before sub-run s (recovery)."""
   if state.history is None:
     return state
-  return state.replace(history=jax.tree_util.tree_map(
-      lambda h, c: h.at[s].set(c), state.history, state.client))
+  return state.replace(history=trees.put(state.history, s, state.client))
 
 
 def recovery_step(sim: Simulation, state: ProtocolState, s: int

@@ -198,7 +198,28 @@ def make_trainer(model: Model, config: TrainConfig,
   passed to `sub_run` decide who uses them. `provider_block` is the number of
   providers per device trained side by side inside the sub-run (0: auto, see
   the module docstring).
+
+  Equal arguments give the same `Trainer` (its functions are pure), so its
+  jit-compiled `sub_run` is traced and compiled once per shape for every
+  simulation that uses it: the cells of a sweep, or seeds run one after
+  another in a process. Arguments that cannot be hashed build a new one.
   """
+  key = (model, config, divergence, hooks, provider_block)
+  try:
+    hash(key)
+  except TypeError:
+    return _build_trainer(*key)
+  return _cached_trainer(*key)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_trainer(*args) -> Trainer:
+  return _build_trainer(*args)
+
+
+def _build_trainer(model: Model, config: TrainConfig,
+                   divergence: div_lib.DivergenceConfig, hooks: Hooks,
+                   provider_block: int) -> Trainer:
   config.validate()
   divergence.validate()
   require(int(provider_block) == provider_block and provider_block >= 0,

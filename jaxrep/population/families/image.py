@@ -589,7 +589,13 @@ def _plant_for(behaviour: Behaviour):
       np.asarray(behaviour.is_attack("secret_key"))]
   if units.size == 0 or units.max() <= 0:
     return None
-  return functools.partial(plant_key, max_units=int(units.max()))
+  return _planter(int(units.max()))
+
+
+@functools.lru_cache(maxsize=None)
+def _planter(max_units: int):
+  """One planting function per bound (a stable object: see make_hooks)."""
+  return functools.partial(plant_key, max_units=max_units)
 
 
 IMAGE = Family(modality="image",
