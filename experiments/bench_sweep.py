@@ -4,12 +4,12 @@ The headline grid (16 providers, 8 malicious, badnets, digits: the main
 job's defaults) over S seeds, run (a) as S separate
 `python -m jaxrep.simulate --seed=s` processes, one after another, as a user
 without sweeps would, and (b) as one `python -m jaxrep.sweep --seeds=0:S
---workers=W` for every W of --workers. Each starts from a cold compilation
-cache. Prints the wall seconds of each, the ratios, and whether every
+--workers=W --threads=T` for every W of --workers and T of --threads. Each
+starts from a cold compilation cache. Prints the wall seconds of each, the ratios, and whether every
 cell's summary is identical (wall time aside).
 
     python experiments/bench_sweep.py --seeds=10 --out=runs/bench_sweep
-    python experiments/bench_sweep.py --seeds=10 --workers=1,2,4
+    python experiments/bench_sweep.py --seeds=10 --workers=1,2,4 --threads=1
     python experiments/bench_sweep.py --seeds=2 --set=steps=100  # smoke run
 """
 
@@ -36,6 +36,8 @@ _common.define_list("set", "", "extra main-job settings name=value for "
                     "both (e.g. steps=100)")
 _common.define_list("workers", "1,2", "worker processes of each timed sweep",
                     kind=int)
+_common.define_list("threads", "1,2", "cells side by side in each process "
+                    "of each timed sweep", kind=int)
 
 # Summary figures that depend on the clock, not on the simulation.
 CLOCK = ("wall_seconds",)
@@ -67,11 +69,11 @@ def main() -> None:
   print(f"\njax {jax.__version__} on {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
   print(f"{args.seeds} separate simulate calls: {separate:.1f} s")
-  for w in args.workers:
-    sweep_out = os.path.join(args.out, f"sweep-{w}")
+  for w, t in [(w, t) for w in args.workers for t in args.threads]:
+    sweep_out = os.path.join(args.out, f"sweep-{w}-{t}")
     swept = _timed(["jaxrep.sweep", f"--seeds=0:{args.seeds}",
                     f"--out={sweep_out}", "--noprogress", f"--workers={w}",
-                    *extra])
+                    f"--threads={t}", *extra])
     differ = []
     cells = {r["seed"]: r["summary"]
              for r in store.all_cells(sweep_out).values()}
@@ -80,7 +82,8 @@ def main() -> None:
       b = {k: v for k, v in cells[s].items() if k in a}
       if a != b:
         differ.append((s, sorted(k for k in a if a[k] != b.get(k))))
-    print(f"one sweep of {args.seeds} cells, {w} worker(s): {swept:.1f} s, "
+    print(f"one sweep of {args.seeds} cells, {w} worker(s) x {t} "
+          f"thread(s): {swept:.1f} s, "
           f"ratio {separate / swept:.2f}x fewer seconds; per-cell summaries "
           "identical (wall time aside): "
           + ("yes" if not differ else f"NO, {differ}"), flush=True)

@@ -31,7 +31,10 @@ into an MLP; with the CNN it is not applicable and its cell records the
 reason instead of numbers.
 
 One JSON per cell in <out>/<dataset>/<case>/seed<S>.json (a finished cell
-is skipped; a cell recorded with other settings is an error), and
+is skipped; a cell recorded with other settings is an error; with --fill, a
+finished cell whose detector was skipped and is no longer skipped gets that
+detector: the protocol is run again, must reproduce the recorded providers
+exactly, and only the missing detector runs on their models), and
 <out>/table.md aggregated over every cell found under <out> (means with 95 %
 t intervals over seeds; rates pooled over providers and seeds with Wilson
 95 % intervals).
@@ -40,6 +43,8 @@ t intervals over seeds; rates pooled over providers and seeds with Wilson
     python inspection.py --datasets=digits --out=../runs/inspection
     python inspection.py --datasets=fashion_mnist_idx --seeds=0 \
         --skip=fashion_mnist_idx:neural_cleanse --out=../runs/inspection
+    python inspection.py --datasets=fashion_mnist_idx --cases=badnets \
+        --seeds=0 --fill --out=../runs/inspection   # its Neural Cleanse
     python inspection.py --table_only --out=../runs/inspection
 
 Bad flags exit with status 2 and one line, before anything trains.
@@ -123,6 +128,8 @@ def define_flags() -> None:
                     "about twice STRIP itself)")
   flags.DEFINE_bool("probe_skipped", True, "time a skipped detector on one "
                     "provider in the dataset's first cell")
+  flags.DEFINE_bool("fill", False, "run the detectors a finished cell "
+                    "skipped (and --skip no longer skips) on its providers")
   flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
                     "cells found in --out")
   flags.DEFINE_bool("flops", True, "count the client's FLOPs per provider "
@@ -408,6 +415,60 @@ def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
   return cell
 
 
+def missing_detectors(cell: dict, skipped) -> list[str]:
+  """The detectors `cell` recorded as skipped that are not in `skipped`."""
+  if "not_applicable" in cell:
+    return []
+  return [d for d in DETECTORS
+          if cell["inspection"].get(d, {}).get("skipped") and d not in skipped]
+
+
+# What the protocol must reproduce for a filled cell to judge the same
+# providers: the recorded providers' own models enter through these.
+REPRODUCED = ("malicious", "attack_success_rate", "clean_accuracy")
+
+
+def fill_cell(cell: dict, ds_full, detectors: list[str]) -> dict:
+  """`cell` with `detectors` run on its providers' models: the protocol is
+  run again (deterministic) and must give the recorded providers (their
+  ASR, clean accuracy and RTTD flags and scores, exactly), else
+  ConfigError; the cell's other numbers are kept."""
+  t0 = time.perf_counter()
+  s = cell["settings"]
+  config = cell_config(cell["dataset"], cell["case"], cell["seed"], s)
+  sim, state, result = run_protocol(config, _truncated(ds_full,
+                                                       s["test_size"]))
+  now = report_results.clean(dict(
+      malicious=np.asarray(result.malicious, bool),
+      attack_success_rate=result.attack_success_rate,
+      clean_accuracy=result.clean_accuracy,
+      rttd=dict(flags=result.flags, scores=result.scores)))
+  where = f"{cell['dataset']} {cell['case']} seed {cell['seed']}"
+  for name in REPRODUCED:
+    if not np.array_equal(np.asarray(now[name], float),
+                          np.asarray(cell[name], float), equal_nan=True):
+      raise ConfigError(f"fill: {where}: the protocol no longer reproduces "
+                        f"the recorded {name}; run the cell in a new --out")
+  for name in ("flags", "scores"):
+    if not np.array_equal(np.asarray(now["rttd"][name], float),
+                          np.asarray(cell["rttd"][name], float),
+                          equal_nan=True):
+      raise ConfigError(f"fill: {where}: the protocol no longer reproduces "
+                        f"the recorded RTTD {name}; run the cell in a new "
+                        "--out")
+  others = set(DETECTORS) - set(detectors)
+  found = inspect(sim, state.own, ds_full, cell["seed"], others,
+                  separation=False)
+  out = dict(cell, inspection=dict(cell["inspection"]))
+  for name in detectors:
+    out["inspection"][name] = found[name]
+  out["filled"] = list(cell.get("filled", [])) + [dict(
+      detectors=detectors, seconds=time.perf_counter() - t0,
+      load_average=os.getloadavg(), commit=_commit(),
+      command=" ".join(sys.argv))]
+  return out
+
+
 # ----------------------------------------------------------------------------
 # Table.
 
@@ -464,18 +525,22 @@ def aggregate(cells: list[dict]) -> list[dict]:
       for name in ("rttd",) + DETECTORS:
         parts = [c["rttd"] if name == "rttd" else c["inspection"][name]
                  for c in group]
-        if any(p.get("skipped") for p in parts):
+        probes = [p["probe"]["seconds_per_provider"] for p in parts
+                  if "probe" in p]
+        if probes:
+          row.setdefault("probes", {})[name] = float(np.median(probes))
+        # Pooled over the cells where the detector ran (a detector too
+        # costly for every seed may have run on some: the table says on
+        # how many).
+        parts = [p for p in parts if not p.get("skipped")]
+        if not parts:
           row[name] = None
-          probes = [p["probe"]["seconds_per_provider"] for p in parts
-                    if "probe" in p]
-          if probes:
-            row.setdefault("probes", {})[name] = float(np.median(probes))
           continue
         tp, pos = sum(p["tp"] for p in parts), sum(p["malicious"] for p in
                                                    parts)
         fp, neg = sum(p["fp"] for p in parts), sum(p["benign"] for p in parts)
         row[name] = {"tpr": wilson(tp, pos), "fpr": wilson(fp, neg),
-                     "counts": (tp, pos, fp, neg)}
+                     "counts": (tp, pos, fp, neg), "seeds": len(parts)}
         if name != "rttd":
           row[name]["seconds_per_provider"] = float(np.median(
               [p["seconds_per_provider"] for p in parts]))
@@ -515,7 +580,9 @@ def markdown(rows: list[dict], flops: dict | None = None) -> str:
     def rate(d):
       if r[d] is None:
         return "not run (cost, below)"
-      return f"{_pct(r[d]['tpr'])} / {_pct(r[d]['fpr'])}"
+      partial = (f" ({r[d]['seeds']} of {seeds} seeds)"
+                 if r[d]["seeds"] < seeds else "")
+      return f"{_pct(r[d]['tpr'])} / {_pct(r[d]['fpr'])}{partial}"
 
     auroc = (f" ({_mean(r['strip_auroc'], 1, 2)})" if r["strip_auroc"]
              else " (no trigger)" if r["case"] in ("label_flip", "data_order")
@@ -619,18 +686,35 @@ def main(args) -> None:
     for i, (dataset, case, seed) in enumerate(todo, 1):
       path = cell_path(args.out, dataset, case, seed)
       st = settings(dataset, args)
+      skipped = {det for d, det in skip if d == dataset}
       if os.path.exists(path):
         with open(path) as fh:
           old = json.load(fh)
         if old["settings"] != st:
           raise ConfigError(f"out: {path} was run with {old['settings']}, "
                             f"not {st}; use another --out")
+        missing = missing_detectors(old, skipped)
+        if args.fill and missing:
+          if dataset not in loaded:
+            loaded[dataset] = protocol.load(
+                SimConfig.from_flat(dataset=dataset))
+          cell = fill_cell(old, loaded[dataset], missing)
+          report.write_json_atomic(path, report_results.clean(cell))
+          found = ", ".join(
+              f"{n} {cell['inspection'][n]['tp']}/"
+              f"{cell['inspection'][n]['malicious']} "
+              f"{cell['inspection'][n]['fp']}/"
+              f"{cell['inspection'][n]['benign']}" for n in missing)
+          print(f"[{i}/{len(todo)}] {dataset} {case} seed {seed}: filled "
+                f"{found} (TP/P FP/N); {cell['filled'][-1]['seconds']:.0f} "
+                f"s ({time.time() - t0:.0f} s in all)", file=sys.stderr,
+                flush=True)
+          continue
         print(f"[{i}/{len(todo)}] {dataset} {case} seed {seed}: done "
               "before, skipped", file=sys.stderr, flush=True)
         continue
       if dataset not in loaded:
         loaded[dataset] = protocol.load(SimConfig.from_flat(dataset=dataset))
-      skipped = {det for d, det in skip if d == dataset}
       # A skipped detector is timed on one provider in the dataset's first
       # cell of this invocation.
       probe = (args.probe_skipped and bool(skipped)

@@ -1,9 +1,11 @@
 """XLA's persistent compilation cache: programs compiled once are reused by
 later simulations of the same shapes (in this process or another).
 
-A simulation builds its jitted functions afresh, so without the cache every
-cell of a sweep would compile its sub-run again (seconds per program on a
-CPU). The cache is keyed by the program itself (its HLO, the backend and
+Simulations with equal settings share their jitted functions within a
+process (`train.make_trainer` is cached), so the cache serves the programs
+a process has not built yet: another worker's, a resumed sweep's, and those
+of simulations whose hooks cannot be shared (adaptive attackers). The cache
+is keyed by the program itself (its HLO, the backend and
 the compile options), so a cached executable is the one XLA would compile:
 results are unchanged.
 """

@@ -1,7 +1,10 @@
 """Running a sweep's cells and writing its tables.
 
 Every cell is one `jaxrep.protocol.run` in this process: datasets are loaded
-once per data setting and shared by the cells that use them. With workers
+once per data setting and shared by the cells that use them, and so are the
+compiled programs (cells with equal settings but their seeds and per-provider
+data share one trainer, `train.make_trainer`). With `threads`, that many
+cells run side by side in the process. With workers
 (`sweep_workers`), the cells are split into shards, each run by its own
 `python -m jaxrep.sweep --shard=i/W` process, and this process only checks,
 watches and aggregates: a cell that leaves cores idle (a small model) then
@@ -15,7 +18,9 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent import futures
 
 import numpy as np
 
@@ -41,11 +46,13 @@ class Datasets:
 
   def __init__(self):
     self._held: dict = {}
+    self._lock = threading.Lock()
 
   def get(self, config: SimConfig):
-    if config.data not in self._held:
-      self._held[config.data] = protocol.load(config)
-    return self._held[config.data]
+    with self._lock:
+      if config.data not in self._held:
+        self._held[config.data] = protocol.load(config)
+      return self._held[config.data]
 
 
 def check(spec: Spec, datasets: Datasets) -> None:
@@ -97,26 +104,73 @@ def record(cell: Cell, result) -> dict:
           "wall_seconds": result.wall_seconds, "command": command(cell)}
 
 
+def run_cell(cell: Cell, datasets: Datasets) -> dict:
+  """One cell's simulation; its cells.jsonl record."""
+  config = cell.config()
+  result = protocol.run(config, progress=False,
+                        dataset=datasets.get(config))
+  return record(cell, result)
+
+
 def run_cells(cells: list[Cell], writer: store.CellWriter,
               datasets: Datasets, *, progress: bool = True,
-              done: int = 0, total: int | None = None) -> None:
-  """Runs `cells` one after another, appending each finished one."""
+              done: int = 0, total: int | None = None,
+              threads: int = 1) -> None:
+  """Runs `cells`, appending each finished one (in the order they finish).
+
+  With `threads` > 1, that many cells run side by side in this process:
+  they share its compiled programs, and while one waits for its model
+  another's Python and XLA work proceeds (a small model leaves cores idle).
+  A cell's numbers do not depend on what runs beside it. If a cell fails,
+  the cells not yet started are cancelled, those running finish (and are
+  recorded) and the error is raised.
+  """
+  require_threads(threads)
   bar = None
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
     bar = tqdm(total=total or len(cells), initial=done, desc="cells",
                unit="cell", dynamic_ncols=True)
-  for cell in cells:
+
+  def finished(cell: Cell, rec: dict) -> None:
+    writer.write(rec)
     if bar is not None:
       bar.set_postfix_str(f"{describe(cell)} seed={cell.seed}")
-    config = cell.config()
-    result = protocol.run(config, progress=False,
-                          dataset=datasets.get(config))
-    writer.write(record(cell, result))
-    if bar is not None:
       bar.update(1)
-  if bar is not None:
-    bar.close()
+
+  try:
+    if threads == 1:
+      for cell in cells:
+        finished(cell, run_cell(cell, datasets))
+      return
+    with futures.ThreadPoolExecutor(threads) as pool:
+      running = {pool.submit(run_cell, c, datasets): c for c in cells}
+      error = None
+      try:
+        for future in futures.as_completed(running):
+          if future.cancelled():
+            continue
+          if future.exception() is not None:
+            if error is None:
+              error = future.exception()
+              for f in running:
+                f.cancel()
+            continue
+          finished(running[future], future.result())
+      except BaseException:   # interrupted: start no further cell
+        for f in running:
+          f.cancel()
+        raise
+      if error is not None:
+        raise error
+  finally:
+    if bar is not None:
+      bar.close()
+
+
+def require_threads(threads: int) -> None:
+  if int(threads) != threads or threads < 1:
+    raise ConfigError(f"threads: must be an integer >= 1, got {threads!r}")
 
 
 def write_tables(out: str, spec: Spec, records: list[dict]) -> list[str]:
@@ -160,10 +214,10 @@ def _missing_cells(spec: Spec, out: str, shard: tuple[int, int] | None,
 def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
           progress: bool = True, datasets: Datasets | None = None,
           compilation_cache: str | None = "", log=print,
-          tables: bool = True) -> list[str]:
+          tables: bool = True, threads: int = 1) -> list[str]:
   """Runs the cells of `spec` (or of one shard of them) that `out` does not
-  hold yet (in any of its shards), then writes the tables (unless `tables`
-  is false); returns the files written.
+  hold yet (in any of its shards), `threads` at a time (`run_cells`), then
+  writes the tables (unless `tables` is false); returns the files written.
 
   Everything is checked before anything trains (ConfigError naming the
   cell and field); `out` must hold no sweep or this one. Compiled programs
@@ -171,6 +225,7 @@ def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
   `compilation_cache` ("" = <out>/xla_cache; None = off).
   """
   datasets = datasets or Datasets()
+  require_threads(threads)
   workdir.check(out)
   check(spec, datasets)
   here = store.shard_dir(out, shard)
@@ -183,7 +238,8 @@ def sweep(spec: Spec, out: str, *, shard: tuple[int, int] | None = None,
     writer = store.CellWriter(os.path.join(here, store.CELLS))
     try:
       run_cells(todo, writer, datasets, progress=progress,
-                done=len(cells) - len(todo), total=len(cells))
+                done=len(cells) - len(todo), total=len(cells),
+                threads=threads)
     finally:
       writer.close()
   finally:

@@ -134,3 +134,63 @@ def test_flops_table(study, digits, tiny_cell):
   assert "MFLOP" in header   # the FLOP table comes last
   assert f"{f['provider_step'] / 1e6:,.1f}" in row
   assert f"(= {f['rttd'] / f['provider_step']:,.0f} steps)" in row
+
+
+def _fill_args(tmp_path, s, **kw):
+  return types.SimpleNamespace(**dict(dict(
+      datasets=["digits"], cases=["badnets"], seeds=[0], skip=[],
+      providers=s["providers"], malicious=s["malicious"], steps=s["steps"],
+      subrun_steps=s["subrun_steps"], replicated=s["replicated"],
+      out=str(tmp_path), table_only=False, probe_skipped=False, fill=True,
+      separation=False, flops=False), **kw))
+
+
+def test_fill_runs_a_skipped_detector_on_the_same_providers(
+    study, tmp_path, tiny_cell):
+  """--fill: the protocol runs again, reproduces the recorded providers,
+  and only the skipped detector runs; the cell keeps its other numbers and
+  the table pools the detector over the seeds where it ran."""
+  import json
+  from jaxrep.report.results import clean
+  from jaxrep import report
+  cell = clean(tiny_cell)
+  path = study.cell_path(str(tmp_path), "digits", "badnets", 0)
+  report.write_json_atomic(path, cell)
+  study.main(_fill_args(tmp_path, cell["settings"]))
+  with open(path) as f:
+    filled = json.load(f)
+  nc = filled["inspection"]["neural_cleanse"]
+  mal = np.asarray(cell["malicious"])
+  flags = np.asarray(nc["flags"])
+  assert flags.shape == (4,) and nc["tp"] == int((flags & mal).sum())
+  assert nc["fp"] == int((flags & ~mal).sum())
+  assert len(nc["smallest_mask_class"]) == 4
+  for name in ("max_margin", "strip"):
+    assert filled["inspection"][name] == cell["inspection"][name]
+  assert filled["rttd"] == cell["rttd"] and filled["cost"] == cell["cost"]
+  assert filled["filled"][0]["detectors"] == ["neural_cleanse"]
+  # A second seed without it: pooled over the one seed where it ran.
+  rows = study.aggregate([filled, dict(cell, seed=1)])
+  assert rows[0]["neural_cleanse"]["seeds"] == 1
+  assert rows[0]["neural_cleanse"]["counts"][1] == 2
+  assert "(1 of 2 seeds)" in study.markdown(rows)
+  # Nothing left to fill: the cell is not touched again.
+  before = os.path.getmtime(path)
+  study.main(_fill_args(tmp_path, cell["settings"]))
+  assert os.path.getmtime(path) == before
+
+
+def test_fill_refuses_a_cell_it_does_not_reproduce(study, tmp_path,
+                                                   tiny_cell):
+  from jaxrep.core.errors import ConfigError
+  from jaxrep.report.results import clean
+  from jaxrep import report
+  cell = clean(tiny_cell)
+  cell["clean_accuracy"] = [a + 0.01 for a in cell["clean_accuracy"]]
+  path = study.cell_path(str(tmp_path), "digits", "badnets", 0)
+  report.write_json_atomic(path, cell)
+  with pytest.raises(ConfigError, match="no longer reproduces the recorded "
+                     "clean_accuracy"):
+    study.main(_fill_args(tmp_path, cell["settings"]))
+  with open(path) as f:
+    assert "filled" not in f.read()

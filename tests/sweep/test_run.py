@@ -180,3 +180,38 @@ def test_a_failing_worker_is_named_with_its_last_line(tmp_path, monkeypatch):
                           progress=False)
   with pytest.raises(ConfigError, match="^workers: must be an integer >= 1"):
     run_lib.sweep_workers(SPEC, out, [], 0, progress=False)
+
+
+def test_threads_give_the_same_cells_and_tables_and_resume(tmp_path,
+                                                           monkeypatch):
+  """Cells side by side in threads: a failing cell stops the sweep (the
+  cells not started are not run), a re-run finishes the rest, and the
+  tables equal a one-thread sweep's."""
+  calls = []
+  monkeypatch.setattr(run_lib.protocol, "run", _fake_run(calls, kill_at=2))
+  out = str(tmp_path / "threads")
+  with pytest.raises(Killed):
+    run_lib.sweep(SPEC, out, progress=False, threads=2)
+  first = len(store.read_cells(os.path.join(out, store.CELLS)))
+  assert 1 <= first < 6
+  calls.clear()
+  monkeypatch.setattr(run_lib.protocol, "run", _fake_run(calls))
+  run_lib.sweep(SPEC, out, progress=False, threads=2)
+  assert len(calls) == 6 - first
+  run_lib.sweep(SPEC, str(tmp_path / "one"), progress=False)
+  for name in ("table.csv", "table.md"):
+    assert ((tmp_path / "threads" / name).read_text() ==
+            (tmp_path / "one" / name).read_text())
+  for bad in (0, 1.5, -2):
+    with pytest.raises(ConfigError, match="^threads: must be an integer"):
+      run_lib.sweep(SPEC, out, progress=False, threads=bad)
+
+
+def test_real_cells_in_threads_equal_cells_run_alone(tmp_path):
+  spec = Spec.parse(grid="malicious=1,2", seeds="0:2", fixed=TINY,
+                    figures=("tpr", "fpr", "final_clean_accuracy"))
+  run_lib.sweep(spec, str(tmp_path / "two"), progress=False, threads=2)
+  run_lib.sweep(spec, str(tmp_path / "one"), progress=False)
+  two, one = _summaries(str(tmp_path / "two")), _summaries(
+      str(tmp_path / "one"))
+  assert len(one) == 4 and two == one
