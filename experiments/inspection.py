@@ -443,7 +443,8 @@ def fill_cell(cell: dict, ds_full, detectors: list[str]) -> dict:
       attack_success_rate=result.attack_success_rate,
       clean_accuracy=result.clean_accuracy,
       rttd=dict(flags=result.flags, scores=result.scores)))
-  where = f"{cell['dataset']} {cell['case']} seed {cell['seed']}"
+  where = (f"{cell['dataset']} {cell['case']} seed {cell['seed']} (recorded "
+           f"at commit {str(cell.get('commit'))[:8]})")
   for name in REPRODUCED:
     if not np.array_equal(np.asarray(now[name], float),
                           np.asarray(cell[name], float), equal_nan=True):

@@ -1,9 +1,10 @@
 """Pytree helpers over a leading provider axis.
 
-On trees of jax arrays, `take` and `take_slice` are one compiled program for
-the whole tree (cached per tree structure and shapes) rather than one eager
-dispatch per leaf: the protocol slices checkpoints out of populations after
-every sub-run. Host (numpy) trees are sliced on the host and stay there.
+On trees of jax arrays, `take`, `put`, `take_slice` and `stack` are one
+compiled program for the whole tree (cached per tree structure and shapes)
+rather than one eager dispatch per leaf: the protocol slices checkpoints out
+of populations after every sub-run. Host (numpy) trees are sliced on the host
+and stay there (`stack` always returns device arrays).
 """
 
 from __future__ import annotations
