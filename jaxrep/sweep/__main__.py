@@ -70,7 +70,7 @@ flags.DEFINE_integer("workers", 1, "processes running cells side by side on "
 flags.DEFINE_integer("threads", 1, "cells running side by side in each "
                      "process (they share its compiled programs; on a CPU a "
                      "small model leaves cores idle: 2 finish a digits sweep "
-                     "about 1.5x sooner)")
+                     "about 1.4x sooner)")
 flags.DEFINE_bool("tables", True, "write the tables after the cells (the "
                   "workers of --workers leave it to their parent)")
 flags.DEFINE_string("compilation_cache", "", "directory of XLA's persistent "
