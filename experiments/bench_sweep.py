@@ -5,8 +5,8 @@ job's defaults) over S seeds, run (a) as S separate
 `python -m jaxrep.simulate --seed=s` processes, one after another, as a user
 without sweeps would, and (b) as one `python -m jaxrep.sweep --seeds=0:S
 --workers=W --threads=T` for every W of --workers and T of --threads. Each
-starts from a cold compilation cache. Prints the wall seconds of each, the ratios, and whether every
-cell's summary is identical (wall time aside).
+starts from a cold compilation cache. Prints the wall seconds of each, the
+ratios, and whether every cell's summary is identical (wall time aside).
 
     python experiments/bench_sweep.py --seeds=10 --out=runs/bench_sweep
     python experiments/bench_sweep.py --seeds=10 --workers=1,2,4 --threads=1

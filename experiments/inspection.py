@@ -445,18 +445,14 @@ def fill_cell(cell: dict, ds_full, detectors: list[str]) -> dict:
       rttd=dict(flags=result.flags, scores=result.scores)))
   where = (f"{cell['dataset']} {cell['case']} seed {cell['seed']} (recorded "
            f"at commit {str(cell.get('commit'))[:8]})")
-  for name in REPRODUCED:
-    if not np.array_equal(np.asarray(now[name], float),
-                          np.asarray(cell[name], float), equal_nan=True):
-      raise ConfigError(f"fill: {where}: the protocol no longer reproduces "
-                        f"the recorded {name}; run the cell in a new --out")
-  for name in ("flags", "scores"):
-    if not np.array_equal(np.asarray(now["rttd"][name], float),
-                          np.asarray(cell["rttd"][name], float),
+  pairs = [(name, now[name], cell[name]) for name in REPRODUCED] + [
+      (f"RTTD {name}", now["rttd"][name], cell["rttd"][name])
+      for name in ("flags", "scores")]
+  for name, a, b in pairs:
+    if not np.array_equal(np.asarray(a, float), np.asarray(b, float),
                           equal_nan=True):
       raise ConfigError(f"fill: {where}: the protocol no longer reproduces "
-                        f"the recorded RTTD {name}; run the cell in a new "
-                        "--out")
+                        f"the recorded {name}; run the cell in a new --out")
   others = set(DETECTORS) - set(detectors)
   found = inspect(sim, state.own, ds_full, cell["seed"], others,
                   separation=False)
@@ -665,6 +661,12 @@ def cell_path(out: str, dataset: str, case: str, seed: int) -> str:
   return os.path.join(out, dataset, case, f"seed{seed}.json")
 
 
+def _counts(name: str, row: dict) -> str:
+  """A detector's verdicts in a progress line: name TP/P FP/N."""
+  return (f"{name} {row['tp']}/{row['malicious']} {row['fp']}/"
+          f"{row['benign']}")
+
+
 def _commit() -> str | None:
   try:
     return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
@@ -684,6 +686,12 @@ def main(args) -> None:
     todo = [(d, c, s) for d in args.datasets for c in args.cases
             for s in args.seeds]
     loaded, probed = {}, set()
+
+    def dataset_of(name: str):
+      if name not in loaded:
+        loaded[name] = protocol.load(SimConfig.from_flat(dataset=name))
+      return loaded[name]
+
     for i, (dataset, case, seed) in enumerate(todo, 1):
       path = cell_path(args.out, dataset, case, seed)
       st = settings(dataset, args)
@@ -696,16 +704,10 @@ def main(args) -> None:
                             f"not {st}; use another --out")
         missing = missing_detectors(old, skipped)
         if args.fill and missing:
-          if dataset not in loaded:
-            loaded[dataset] = protocol.load(
-                SimConfig.from_flat(dataset=dataset))
-          cell = fill_cell(old, loaded[dataset], missing)
+          cell = fill_cell(old, dataset_of(dataset), missing)
           report.write_json_atomic(path, report_results.clean(cell))
-          found = ", ".join(
-              f"{n} {cell['inspection'][n]['tp']}/"
-              f"{cell['inspection'][n]['malicious']} "
-              f"{cell['inspection'][n]['fp']}/"
-              f"{cell['inspection'][n]['benign']}" for n in missing)
+          found = ", ".join(_counts(n, cell["inspection"][n])
+                            for n in missing)
           print(f"[{i}/{len(todo)}] {dataset} {case} seed {seed}: filled "
                 f"{found} (TP/P FP/N); {cell['filled'][-1]['seconds']:.0f} "
                 f"s ({time.time() - t0:.0f} s in all)", file=sys.stderr,
@@ -714,13 +716,11 @@ def main(args) -> None:
         print(f"[{i}/{len(todo)}] {dataset} {case} seed {seed}: done "
               "before, skipped", file=sys.stderr, flush=True)
         continue
-      if dataset not in loaded:
-        loaded[dataset] = protocol.load(SimConfig.from_flat(dataset=dataset))
       # A skipped detector is timed on one provider in the dataset's first
       # cell of this invocation.
       probe = (args.probe_skipped and bool(skipped)
                and dataset not in probed)
-      cell = run_cell(dataset, case, seed, st, loaded[dataset], skipped,
+      cell = run_cell(dataset, case, seed, st, dataset_of(dataset), skipped,
                       probe, args.separation)
       if probe and "not_applicable" not in cell:
         probed.add(dataset)
@@ -730,9 +730,8 @@ def main(args) -> None:
       if "not_applicable" in cell:
         msg = f"not applicable ({cell['not_applicable']})"
       else:
-        inspected = ", ".join(
-            f"{n} {v['tp']}/{v['malicious']} {v['fp']}/{v['benign']}"
-            for n, v in cell["inspection"].items() if "tp" in v)
+        inspected = ", ".join(_counts(n, v) for n, v in
+                              cell["inspection"].items() if "tp" in v)
         msg = (f"ASR {100 * np.mean(cell['attack_success_rate'][cell['malicious']]):.0f} %"
                f"; TP/P FP/N: rttd {cell['rttd']['tp']}/"
                f"{cell['rttd']['malicious']} {cell['rttd']['fp']}/"

@@ -24,8 +24,9 @@ table.md (mean and 95 % interval over seeds of every summary figure) and
 by_<axis>.png; xla_cache/ holds the compiled programs the cells share.
 --threads=T runs T cells side by side in the process (sharing its
 compiled programs); --workers=W runs the cells in W processes on this
-machine (shards 0..W-1 of them, aggregated at the end; each with --threads). Killing a sweep and running the same
-command again runs only the missing cells (whatever the workers or shards
+machine (shards 0..W-1 of them, aggregated at the end; each with
+--threads). Killing a sweep and running the same command again runs only
+the missing cells (whatever the workers or shards
 that ran the others); a different sweep in the same --out is refused. Bad grids
 exit with status 2 and one line, before any training.
 """
