@@ -73,6 +73,28 @@ def test_neural_cleanse_finds_the_badnets_target(trained):
   # (see BUILD_NOTES "Model inspection detectors").
 
 
+def test_neural_cleanse_gives_the_same_norms_in_class_blocks(trained,
+                                                             monkeypatch):
+  # The classes reversed one after another (CPU's block for a large model)
+  # and all side by side (an accelerator's) differ only by rounding.
+  t = trained
+  cfg = insp.NeuralCleanseConfig(steps=40)
+  one = lambda a: a[0]
+  sizes = []
+  for block in (1, 10):
+    monkeypatch.setattr(insp.train_lib, "auto_block",
+                        lambda step_bytes, backend, b=block: b)
+    assert insp.class_block(
+        t["model"], cfg, jax.tree_util.tree_map(one, t["params"]),
+        jax.tree_util.tree_map(one, t["state"]), jnp.asarray(t["x_clean"]),
+        jnp.arange(10), jax.random.split(jax.random.key(0), 10)) == block
+    insp._reverse_all.clear_cache()   # the block is chosen while tracing
+    r = insp.neural_cleanse(t["model"], t["params"], t["state"],
+                            t["x_clean"][:64], jax.random.key(0), config=cfg)
+    sizes.append(r.details["last_norms"])
+  np.testing.assert_allclose(sizes[0], sizes[1], rtol=1e-4)
+
+
 def test_max_margin_points_at_the_badnets_target(trained):
   t = trained
   cfg = insp.MaxMarginConfig(starts=4, steps=150)
