@@ -33,8 +33,9 @@ reason instead of numbers.
 One JSON per cell in <out>/<dataset>/<case>/seed<S>.json (a finished cell
 is skipped; a cell recorded with other settings is an error; with --fill, a
 finished cell whose detector was skipped and is no longer skipped gets that
-detector: the protocol is run again, must reproduce the recorded providers
-exactly, and only the missing detector runs on their models), and
+detector, and with --separation a cell with a trigger gets STRIP's separation
+if it lacks it: the protocol is run again, must reproduce the recorded
+providers exactly, and only what is missing runs on their models), and
 <out>/table.md aggregated over every cell found under <out> (means with 95 %
 t intervals over seeds; rates pooled over providers and seeds with Wilson
 95 % intervals).
@@ -129,7 +130,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("probe_skipped", True, "time a skipped detector on one "
                     "provider in the dataset's first cell")
   flags.DEFINE_bool("fill", False, "run the detectors a finished cell "
-                    "skipped (and --skip no longer skips) on its providers")
+                    "skipped (and --skip no longer skips), and STRIP's "
+                    "separation if it lacks it and --separation is on, on "
+                    "its providers")
   flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
                     "cells found in --out")
   flags.DEFINE_bool("flops", True, "count the client's FLOPs per provider "
@@ -310,12 +313,12 @@ def inspect(sim, own, ds_full, seed: int, skip=(),
   no_trigger = np.asarray(plain.is_attack("label_flip")) | np.asarray(
       plain.is_attack("data_order"))
   has_trigger = not bool(no_trigger[mal].any())
-  if has_trigger and separation and "strip" not in skip:
+  if has_trigger and separation:
     trig = jax.vmap(population.IMAGE.trigger_for(plain),
                     in_axes=(0, None, None))(plain, key, jnp.asarray(x_clean))
     sep = insp.strip_separation(model, p, s, x_clean, np.asarray(trig),
                                 x_overlay, key)
-    out["strip_separation"] = {"auroc": sep["auroc"], "tpr": sep["tpr"],
+    out[SEPARATION] = {"auroc": sep["auroc"], "tpr": sep["tpr"],
                                "frr": sep["frr"]}
   return out
 
@@ -408,19 +411,33 @@ def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
                 reexecution_steps=summary["overhead_reexecution_steps"],
                 protocol_seconds=result.wall_seconds),
       inspection=inspect(sim, state.own, ds_full, seed, skip, probe_skipped,
-                         separation),
+                         separation and "strip" not in skip),
       cost=rttd_cost(sim, state))
   cell["seconds"] = time.perf_counter() - t0
   cell["load_average"] = os.getloadavg()
   return cell
 
 
-def missing_detectors(cell: dict, skipped) -> list[str]:
-  """The detectors `cell` recorded as skipped that are not in `skipped`."""
+# Attacks without a trigger: STRIP's separation does not apply to them.
+NO_TRIGGER = ("label_flip", "data_order")
+SEPARATION = "strip_separation"
+
+
+def missing_detectors(cell: dict, skipped, separation: bool = False
+                      ) -> list[str]:
+  """The detectors `cell` recorded as skipped that are not in `skipped`,
+  and (`separation`) SEPARATION if the cell has a trigger, kept STRIP and
+  lacks it."""
   if "not_applicable" in cell:
     return []
-  return [d for d in DETECTORS
-          if cell["inspection"].get(d, {}).get("skipped") and d not in skipped]
+  found = cell["inspection"]
+  out = [d for d in DETECTORS
+         if found.get(d, {}).get("skipped") and d not in skipped]
+  has_trigger = not any(name in NO_TRIGGER for name in cell["attack_names"])
+  if (separation and has_trigger and SEPARATION not in found
+      and "strip" not in skipped):
+    out.append(SEPARATION)
+  return out
 
 
 # What the protocol must reproduce for a filled cell to judge the same
@@ -455,7 +472,7 @@ def fill_cell(cell: dict, ds_full, detectors: list[str]) -> dict:
                         f"the recorded {name}; run the cell in a new --out")
   others = set(DETECTORS) - set(detectors)
   found = inspect(sim, state.own, ds_full, cell["seed"], others,
-                  separation=False)
+                  separation=SEPARATION in detectors)
   out = dict(cell, inspection=dict(cell["inspection"]))
   for name in detectors:
     out["inspection"][name] = found[name]
@@ -546,9 +563,9 @@ def aggregate(cells: list[dict]) -> list[dict]:
       row["seconds_per_provider_step"] = float(np.median(
           [c["cost"]["seconds_per_provider_step"] for c in group]))
       row["extra_steps"] = group[0]["cost"]["extra_steps"]
-      seps = [np.asarray(c["inspection"]["strip_separation"]["auroc"])[m]
+      seps = [np.asarray(c["inspection"][SEPARATION]["auroc"])[m]
               for c, m in zip(group, mal)
-              if "strip_separation" in c["inspection"]]
+              if SEPARATION in c["inspection"]]
       row["strip_auroc"] = [float(a.mean()) for a in seps]
       rows.append(row)
   return rows
@@ -662,7 +679,10 @@ def cell_path(out: str, dataset: str, case: str, seed: int) -> str:
 
 
 def _counts(name: str, row: dict) -> str:
-  """A detector's verdicts in a progress line: name TP/P FP/N."""
+  """A detector's verdicts in a progress line: name TP/P FP/N (STRIP's
+  separation: its AUROC per provider)."""
+  if name == SEPARATION:
+    return f"{name} AUROC {np.round(row['auroc'], 2).tolist()}"
   return (f"{name} {row['tp']}/{row['malicious']} {row['fp']}/"
           f"{row['benign']}")
 
@@ -702,7 +722,7 @@ def main(args) -> None:
         if old["settings"] != st:
           raise ConfigError(f"out: {path} was run with {old['settings']}, "
                             f"not {st}; use another --out")
-        missing = missing_detectors(old, skipped)
+        missing = missing_detectors(old, skipped, args.separation)
         if args.fill and missing:
           cell = fill_cell(old, dataset_of(dataset), missing)
           report.write_json_atomic(path, report_results.clean(cell))

@@ -180,6 +180,35 @@ def test_fill_runs_a_skipped_detector_on_the_same_providers(
   assert os.path.getmtime(path) == before
 
 
+def test_fill_adds_strip_separation_where_it_is_missing(study, tmp_path,
+                                                      tiny_cell):
+  """--fill --separation: a cell measured without STRIP's separation gets
+  it, on the same providers (the AUROC the cell's own run measured); a
+  detector still skipped stays skipped; a cell without a trigger is not
+  filled."""
+  import json
+  from jaxrep.report.results import clean
+  from jaxrep import report
+  cell = clean(tiny_cell)
+  measured = cell["inspection"].pop(study.SEPARATION)
+  path = study.cell_path(str(tmp_path), "digits", "badnets", 0)
+  report.write_json_atomic(path, cell)
+  study.main(_fill_args(tmp_path, cell["settings"], separation=True,
+                        skip=["digits:neural_cleanse"]))
+  with open(path) as f:
+    filled = json.load(f)
+  np.testing.assert_array_equal(
+      filled["inspection"][study.SEPARATION]["auroc"], measured["auroc"])
+  assert filled["inspection"]["neural_cleanse"] == {"skipped": True}
+  assert filled["filled"][0]["detectors"] == [study.SEPARATION]
+  assert study.missing_detectors(filled, {"neural_cleanse"}, True) == []
+  flip = dict(cell, attack_names=["label_flip", None] * 2)
+  assert study.missing_detectors(flip, {"neural_cleanse"}, True) == []
+  assert study.missing_detectors(cell, {"neural_cleanse"}, True) == [
+      study.SEPARATION]
+  assert study.missing_detectors(cell, {"neural_cleanse"}, False) == []
+
+
 def test_fill_refuses_a_cell_it_does_not_reproduce(study, tmp_path,
                                                    tiny_cell):
   from jaxrep.core.errors import ConfigError
