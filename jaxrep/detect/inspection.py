@@ -259,27 +259,30 @@ def class_block(model, cfg, params, model_state, x, classes, keys) -> int:
                               jax.default_backend())
 
 
-def _reverse_provider(model, cfg, x, classes, keys):
+def _reverse_provider(model, cfg, x, classes, keys, classes_per_block=0):
   """Every class of one provider: (params, model_state) -> per-class
-  (kept norm, last norm, success), in blocks of `class_block` classes."""
+  (kept norm, last norm, success), in blocks of `classes_per_block` classes
+  (0: `class_block`'s)."""
   def fn(p, s):
-    block = class_block(model, cfg, p, s, x, classes, keys)
+    block = classes_per_block or class_block(model, cfg, p, s, x, classes,
+                                             keys)
     one = lambda c, k: _reverse_one(model, cfg, p, s, x, c, k)
     return _per_provider(one, block, (classes, keys))
   return fn
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 7))
-def _reverse_all(model, cfg, params, model_state, x, classes, keys, block):
+@functools.partial(jax.jit, static_argnums=(0, 1, 7, 8))
+def _reverse_all(model, cfg, params, model_state, x, classes, keys, block,
+                 classes_per_block):
   norms, last, hit = _per_provider(
-      _reverse_provider(model, cfg, x, classes, keys), block,
-      (params, model_state))
+      _reverse_provider(model, cfg, x, classes, keys, classes_per_block),
+      block, (params, model_state))
   return norms, last, hit, mad_anomaly_index(norms)
 
 
 def neural_cleanse(model: Model, params, model_state, x_clean, key, *,
                    config: NeuralCleanseConfig = NeuralCleanseConfig(),
-                   classes=None) -> Inspection:
+                   classes=None, class_block: int = 0) -> Inspection:
   """Trigger reverse-engineering (Neural Cleanse style) for every provider.
 
   For each provider and each class c, Adam minimises
@@ -303,6 +306,8 @@ def neural_cleanse(model: Model, params, model_state, x_clean, key, *,
     key: PRNG key of the random starts.
     config: a `NeuralCleanseConfig`.
     classes: the class ids to reverse (default all; >= 3 for a MAD).
+    class_block: classes reversed side by side per provider (0: automatic,
+      see `class_block`); changes only the speed and the rounding.
 
   Returns:
     `Inspection` with details "norms" [n, C] (kept mask L1 norm per class),
@@ -314,10 +319,14 @@ def neural_cleanse(model: Model, params, model_state, x_clean, key, *,
   x = _check_images(x_clean, model, "x_clean")
   classes = _check_classes(classes, model.num_classes)
   keys = jax.random.split(key, classes.shape[0])
-  block = provider_block(_reverse_provider(model, config, x, classes, keys),
-                         (params, model_state))
+  if class_block:
+    _positive(class_block, "class_block", integer=True)
+    class_block = int(class_block)
+  per_provider = _reverse_provider(model, config, x, classes, keys,
+                                   class_block)
+  block = provider_block(per_provider, (params, model_state))
   norms, last, hit, index = _reverse_all(model, config, params, model_state,
-                                         x, classes, keys, block)
+                                         x, classes, keys, block, class_block)
   scores = np.asarray(index, np.float64)
   assert scores.shape == (n,)
   return Inspection("neural_cleanse", scores, scores > config.threshold,
