@@ -27,8 +27,10 @@ fail: `collusion` (the malicious half share ONE BadNets backdoor, so the two
 halves are symmetric in every distance) and `mimicry` (BadNets, but each
 attacker returns only 1 % of its backdoor deviation plus benign-sized noise:
 a perturbation at the scale of benign divergence). secret_key plants its key
-into an MLP; with the CNN it is not applicable and its cell records the
-reason instead of numbers.
+into the hidden units of an MLP, so it runs with the MLP on every dataset
+(CASE_MODELS; its row names the model when it is not the dataset's, and it
+is left out of that dataset's cost rows). A cell recorded as not applicable
+with another model than the case now uses is run again.
 
 One JSON per cell in <out>/<dataset>/<case>/seed<S>.json (a finished cell
 is skipped; a cell recorded with other settings is an error; with --fill, a
@@ -88,6 +90,9 @@ FAILURE_CASES = {
     "mimicry": dict(attack="badnets", adaptive="mimicry"),
 }
 CASES = ATTACKS + tuple(FAILURE_CASES)
+# Cases that need a model of their own: secret_key's planting is defined for
+# an MLP's hidden units (`population.families.image.plant_key`).
+CASE_MODELS = {"secret_key": "mlp"}
 DETECTORS = ("neural_cleanse", "max_margin", "strip")
 # Per dataset: model, run length T, sub-run length k, replicated sub-runs m
 # and how many test images the protocol evaluates on (0: all). Chosen for
@@ -161,7 +166,8 @@ def cell_config(dataset: str, case: str, seed: int, s: dict) -> SimConfig:
   overrides = dict(FAILURE_CASES.get(case, {}))
   attack = overrides.pop("attack", case)
   return SimConfig.from_flat(
-      dataset=dataset, model=s["model"], attack=attack, seed=seed,
+      dataset=dataset, model=CASE_MODELS.get(case, s["model"]),
+      attack=attack, seed=seed,
       providers=s["providers"], malicious=s["malicious"], steps=s["steps"],
       subrun_steps=s["subrun_steps"], replicated=s["replicated"],
       **overrides)
@@ -423,6 +429,13 @@ NO_TRIGGER = ("label_flip", "data_order")
 SEPARATION = "strip_separation"
 
 
+def stale(cell: dict, dataset: str, case: str, seed: int, s: dict) -> bool:
+  """Whether a finished cell is to be run again: it was recorded as not
+  applicable with another model than the case now runs with (CASE_MODELS)."""
+  return ("not_applicable" in cell and cell["config"].get("model")
+          != cell_config(dataset, case, seed, s).flat()["model"])
+
+
 def missing_detectors(cell: dict, skipped, separation: bool = False
                       ) -> list[str]:
   """The detectors `cell` recorded as skipped that are not in `skipped`,
@@ -521,6 +534,11 @@ def aggregate(cells: list[dict]) -> list[dict]:
         continue
       row = {"dataset": dataset, "case": case,
              "seeds": sorted(c["seed"] for c in group)}
+      # A case with a model of its own (CASE_MODELS) on this dataset.
+      models = {c["config"]["model"] for c in group if "config" in c} - {
+          c["settings"]["model"] for c in group if "settings" in c}
+      if models:
+        row["model"] = ", ".join(sorted(models))
       na = [c for c in group if "not_applicable" in c]
       if na:
         row["not_applicable"] = na[0]["not_applicable"]
@@ -580,7 +598,7 @@ def markdown(rows: list[dict], flops: dict | None = None) -> str:
            "ASR with RTTD / without |",
            "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
-    name = r["case"]
+    name = r["case"] + (f" ({r['model']})" if "model" in r else "")
     seeds = len(r["seeds"])
     if r.get("not_run"):
       lines.append(f"| {r['dataset']} | {name} | 0 | not run (no cell in "
@@ -612,7 +630,7 @@ def markdown(rows: list[dict], flops: dict | None = None) -> str:
             "Neural Cleanse s / provider | MM-BD s / provider | STRIP s / "
             "provider | one provider-step (ms) |", "|---|---|---|---|---|---|---|"]
   for dataset in dict.fromkeys(r["dataset"] for r in rows):
-    group = [r for r in rows if r["dataset"] == dataset
+    group = [r for r in rows if r["dataset"] == dataset and "model" not in r
              and "not_applicable" not in r and not r.get("not_run")]
     if not group:
       continue
@@ -722,6 +740,7 @@ def main(args) -> None:
         if old["settings"] != st:
           raise ConfigError(f"out: {path} was run with {old['settings']}, "
                             f"not {st}; use another --out")
+      if os.path.exists(path) and not stale(old, dataset, case, seed, st):
         missing = missing_detectors(old, skipped, args.separation)
         if args.fill and missing:
           cell = fill_cell(old, dataset_of(dataset), missing)

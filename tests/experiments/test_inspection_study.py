@@ -103,6 +103,46 @@ def test_table_aggregates_and_shows_not_applicable(study, tiny_cell):
   assert "not run (cost, below)" in text
 
 
+def test_a_case_with_its_own_model_runs_with_it(study, tmp_path, digits,
+                                                monkeypatch):
+  """secret_key runs with the MLP on a dataset whose model is the CNN (here
+  digits made a CNN dataset): a cell recorded as not applicable with the
+  CNN is run again, its row names the model and it stays out of the
+  dataset's cost rows."""
+  import json
+  from jaxrep import report
+  monkeypatch.setitem(study.SETTINGS, "digits",
+                      dict(study.SETTINGS["digits"], model="cnn"))
+  args = types.SimpleNamespace(
+      datasets=["digits"], cases=["secret_key"], seeds=[0], skip=[],
+      providers=4, malicious=2, steps=20, subrun_steps=10, replicated=1,
+      out=str(tmp_path), table_only=False, probe_skipped=False, fill=False,
+      separation=False, flops=False)
+  s = study.settings("digits", args)
+  assert s["model"] == "cnn"
+  assert study.cell_config("digits", "secret_key", 0, s).flat()["model"] == (
+      "mlp")
+  assert study.cell_config("digits", "badnets", 0, s).flat()["model"] == "cnn"
+  old = dict(dataset="digits", case="secret_key", seed=0, settings=s,
+             config=dict(model="cnn"), not_applicable="model: cnn")
+  assert study.stale(old, "digits", "secret_key", 0, s)
+  assert not study.stale(dict(old, config=dict(model="mlp")), "digits",
+                         "secret_key", 0, s)
+  path = study.cell_path(str(tmp_path), "digits", "secret_key", 0)
+  report.write_json_atomic(path, old)
+  study.main(args)
+  with open(path) as f:
+    cell = json.load(f)
+  assert "not_applicable" not in cell and cell["config"]["model"] == "mlp"
+  assert len(cell["attack_success_rate"]) == 4
+  with open(os.path.join(str(tmp_path), "table.md")) as f:
+    text = f.read()
+  assert "| digits | secret_key (mlp) | 1 |" in text
+  # No cell of the dataset's own model: no cost row for it.
+  assert not [line for line in text.splitlines()
+              if line.startswith("| digits | ") and "steps)" in line]
+
+
 def test_resume_refuses_other_settings(study, tmp_path, tiny_cell):
   from jaxrep.core.errors import ConfigError
   from jaxrep.report.results import clean
