@@ -616,7 +616,10 @@ def markdown(rows: list[dict], flops: dict | None = None) -> str:
                  if r[d]["seeds"] < seeds else "")
       return f"{_pct(r[d]['tpr'])} / {_pct(r[d]['fpr'])}{partial}"
 
-    auroc = (f" ({_mean(r['strip_auroc'], 1, 2)})" if r["strip_auroc"]
+    measured = len(r["strip_auroc"])
+    auroc = (f" ({_mean(r['strip_auroc'], 1, 2)}"
+             + (f"; {measured} of {seeds} seeds" if measured < seeds else "")
+             + ")" if measured
              else " (no trigger)" if r["case"] in ("label_flip", "data_order")
              else " (not measured)")
     lines.append(

@@ -247,6 +247,10 @@ def test_fill_adds_strip_separation_where_it_is_missing(study, tmp_path,
   assert study.missing_detectors(cell, {"neural_cleanse"}, True) == [
       study.SEPARATION]
   assert study.missing_detectors(cell, {"neural_cleanse"}, False) == []
+  # Pooled over the seeds where it was measured, and the table says so.
+  rows = study.aggregate([filled, dict(cell, seed=1)])
+  assert len(rows[0]["strip_auroc"]) == 1
+  assert "; 1 of 2 seeds)" in study.markdown(rows)
 
 
 def test_fill_refuses_a_cell_it_does_not_reproduce(study, tmp_path,
