@@ -620,7 +620,7 @@ def markdown(rows: list[dict], flops: dict | None = None) -> str:
     auroc = (f" ({_mean(r['strip_auroc'], 1, 2)}"
              + (f"; {measured} of {seeds} seeds" if measured < seeds else "")
              + ")" if measured
-             else " (no trigger)" if r["case"] in ("label_flip", "data_order")
+             else " (no trigger)" if r["case"] in NO_TRIGGER
              else " (not measured)")
     lines.append(
         f"| {r['dataset']} | {name} | {seeds} | "

@@ -249,9 +249,10 @@ def class_block(model, cfg, params, model_state, x, classes, keys) -> int:
   """Classes reversed side by side for ONE provider (`params`, `model_state`
   without the provider axis; concrete or traced): `trainer.auto_block` of the
   temporaries one class's program traces to. On CPU that is 1 for the
-  Fashion-MNIST CNN, whose 64-image step already fills the cache budget:
-  the classes one after another took 0.72x the time of all ten vmapped
-  (BUILD_NOTES "Model inspection detectors"); elsewhere every class."""
+  Fashion-MNIST CNN, whose 64-image step already fills the cache budget
+  (the classes one after another took 0.72x the time of all ten vmapped,
+  BUILD_NOTES "Model inspection detectors"), and every class for the digits
+  MLP; on GPU/TPU every class."""
   one = lambda p, s, xx, c, k: _reverse_one(model, cfg, p, s, xx, c, k)
   jaxpr = jax.make_jaxpr(one)(*_abstract((params, model_state, x)),
                               *_abstract((classes[0], keys[0])))
