@@ -316,8 +316,8 @@ def inspect(sim, own, ds_full, seed: int, skip=(),
       row["finds_target"] = [bool(found[i] == target[i]) if mal[i] else None
                              for i in range(n)]
     out[name] = row
-  no_trigger = np.asarray(plain.is_attack("label_flip")) | np.asarray(
-      plain.is_attack("data_order"))
+  no_trigger = np.any([np.asarray(plain.is_attack(a)) for a in NO_TRIGGER],
+                      axis=0)
   has_trigger = not bool(no_trigger[mal].any())
   if has_trigger and separation:
     trig = jax.vmap(population.IMAGE.trigger_for(plain),
