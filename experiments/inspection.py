@@ -56,6 +56,7 @@ Bad flags exit with status 2 and one line, before anything trains.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import subprocess
@@ -138,6 +139,10 @@ def define_flags() -> None:
                     "skipped (and --skip no longer skips), and STRIP's "
                     "separation if it lacks it and --separation is on, on "
                     "its providers")
+  flags.DEFINE_bool("nc_cache", True, "keep each model's Neural Cleanse "
+                    "result under <out>/cache/neural_cleanse and reuse it "
+                    "for the same model in another cell (a seed's benign "
+                    "providers are the same models in every case)")
   flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
                     "cells found in --out")
   flags.DEFINE_bool("flops", True, "count the client's FLOPs per provider "
@@ -266,18 +271,114 @@ def inspection_inputs(ds_full) -> tuple[np.ndarray, np.ndarray]:
   return x[:CLEAN], x[CLEAN:CLEAN + OVERLAY]
 
 
+# ----------------------------------------------------------------------------
+# Neural Cleanse per model, reused across cells.
+#
+# A seed's benign providers train the same models in every case (the same
+# keys, stacks and data), and Neural Cleanse on the CNN costs about 4,000
+# provider-steps per model, so a model's result is kept in one file under
+# <out>/cache/neural_cleanse named by a hash of everything it depends on:
+# the model's own params and state (bytes, shapes, dtypes), the clean
+# images, the key, the config, the source of the detector and of the models,
+# and the jax version and backend. A provider's reversal does not depend on
+# the other providers of its call (the same program runs on each model, in
+# blocks on the provider axis), so a hit is that model's result.
+
+NC_FIELDS = ("norms", "last_norms", "success")
+_NC_SOURCES = (insp.__file__,) + tuple(
+    os.path.join(os.path.dirname(insp.__file__), "..", "models", f)
+    for f in ("__init__.py", "image.py", "layers.py", "registry.py"))
+
+
+def _digest(h, a) -> None:
+  a = np.ascontiguousarray(np.asarray(a))
+  h.update(f"{a.shape}{a.dtype.str};".encode())
+  h.update(a.tobytes())
+
+
+def nc_cache_names(model, params, model_state, x, key,
+                   config: insp.NeuralCleanseConfig) -> list[str]:
+  """One file name per provider of the population (`params`, `model_state`
+  with leading provider axis n): the hash of its model and of the call."""
+  common = hashlib.sha256()
+  for path in _NC_SOURCES:
+    with open(path, "rb") as fh:
+      common.update(fh.read())
+  common.update(f"{model.name}{tuple(model.input_shape)}{model.num_classes}"
+                f"{config!r}{jax.__version__}{jax.default_backend()}"
+                .encode())
+  _digest(common, x)
+  _digest(common, jax.random.key_data(key))
+  leaves = jax.tree_util.tree_leaves((params, model_state))
+  names = []
+  for i in range(int(np.shape(leaves[0])[0])):
+    h = common.copy()
+    for leaf in leaves:
+      _digest(h, np.asarray(leaf[i]))
+    names.append(h.hexdigest() + ".npz")
+  return names
+
+
+def cached_neural_cleanse(model, params, model_state, x, key, cache: str,
+                          config: insp.NeuralCleanseConfig =
+                          insp.NeuralCleanseConfig()
+                          ) -> tuple[insp.Inspection, np.ndarray]:
+  """`insp.neural_cleanse` on the providers whose model has no file in
+  `cache`, the others read from it; returns (the n providers' Inspection,
+  bool [n]: read from the cache). New results are written (atomically)."""
+  names = nc_cache_names(model, params, model_state, x, key, config)
+  paths = [os.path.join(cache, name) for name in names]
+  hit = np.array([os.path.exists(p) for p in paths])
+  rows = [None] * len(paths)
+  for i in np.flatnonzero(hit):
+    with np.load(paths[i]) as f:
+      rows[i] = {k: f[k] for k in NC_FIELDS + ("score", "classes")}
+  todo = np.flatnonzero(~hit)
+  if todo.size:
+    take = lambda t: jax.tree_util.tree_map(lambda a: a[todo], t)
+    res = insp.neural_cleanse(model, take(params), take(model_state), x, key,
+                              config=config)
+    os.makedirs(cache, exist_ok=True)
+    for j, i in enumerate(todo):
+      rows[i] = dict({k: np.asarray(res.details[k][j]) for k in NC_FIELDS},
+                     score=np.asarray(res.scores[j]),
+                     classes=np.asarray(res.details["classes"]))
+      tmp = f"{paths[i]}.{os.getpid()}.tmp.npz"
+      np.savez(tmp, **rows[i])
+      os.replace(tmp, paths[i])
+  scores = np.array([float(r["score"]) for r in rows], np.float64)
+  details = {k: np.stack([r[k] for r in rows]) for k in NC_FIELDS}
+  details["classes"] = rows[0]["classes"]
+  return insp.Inspection("neural_cleanse", scores,
+                         scores > config.threshold, float(config.threshold),
+                         details), hit
+
+
 def inspect(sim, own, ds_full, seed: int, skip=(),
-            probe_skipped: bool = False, separation: bool = True) -> dict:
+            probe_skipped: bool = False, separation: bool = True,
+            cache: str | None = None) -> dict:
   """Every inspection detector on the providers' finished models `own`,
   timed, plus STRIP's separation (report only). A detector in `skip` is not
-  run, except (probe_skipped) on one provider to time it."""
+  run, except (probe_skipped) on one provider to time it. With `cache` (a
+  directory), Neural Cleanse reuses the results of models it has seen
+  (`cached_neural_cleanse`); its seconds per provider are then per model
+  it ran on."""
   model, n = sim.model, sim.n
   p, s = own.params, own.model_state
   x_clean, x_overlay = inspection_inputs(ds_full)
   key = jax.random.fold_in(jax.random.key(seed), 18)
+  from_cache = np.zeros(n, bool)
+
+  def neural_cleanse():
+    nonlocal from_cache
+    if cache is None:
+      return insp.neural_cleanse(model, p, s, x_clean[:NC_CLEAN], key)
+    res, from_cache = cached_neural_cleanse(model, p, s, x_clean[:NC_CLEAN],
+                                            key, cache)
+    return res
+
   calls = {
-      "neural_cleanse": lambda: insp.neural_cleanse(model, p, s,
-                                                    x_clean[:NC_CLEAN], key),
+      "neural_cleanse": neural_cleanse,
       "max_margin": lambda: insp.max_margin(model, p, s, key),
       "strip": lambda: insp.strip(model, p, s, x_clean, x_overlay, key)}
   plain = sim.behaviour.plain
@@ -309,6 +410,11 @@ def inspect(sim, own, ds_full, seed: int, skip=(),
     if name == "neural_cleanse":
       classes = res.details["classes"]
       row["smallest_mask_class"] = classes[np.argmin(res.details["norms"], 1)]
+      if cache is not None:
+        # Timed on the models it ran on; none: no timing.
+        ran = n - int(from_cache.sum())
+        row["from_cache"] = from_cache
+        row["seconds_per_provider"] = seconds / ran if ran else None
     elif name == "max_margin":
       row["largest_margin_class"] = res.details["top_class"]
     if "smallest_mask_class" in row or "largest_margin_class" in row:
@@ -387,8 +493,9 @@ def dataset_flops(dataset: str, s: dict, ds_full) -> dict:
 
 def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
              skip=(), probe_skipped: bool = False,
-             separation: bool = True) -> dict:
-  """One cell: the protocol, the inspection detectors, the costs."""
+             separation: bool = True, cache: str | None = None) -> dict:
+  """One cell: the protocol, the inspection detectors (`cache`: see
+  `inspect`), the costs."""
   t0 = time.perf_counter()
   config = cell_config(dataset, case, seed, s)
   base = dict(dataset=dataset, case=case, seed=seed, settings=s,
@@ -417,7 +524,7 @@ def run_cell(dataset: str, case: str, seed: int, s: dict, ds_full,
                 reexecution_steps=summary["overhead_reexecution_steps"],
                 protocol_seconds=result.wall_seconds),
       inspection=inspect(sim, state.own, ds_full, seed, skip, probe_skipped,
-                         separation and "strip" not in skip),
+                         separation and "strip" not in skip, cache),
       cost=rttd_cost(sim, state))
   cell["seconds"] = time.perf_counter() - t0
   cell["load_average"] = os.getloadavg()
@@ -458,11 +565,13 @@ def missing_detectors(cell: dict, skipped, separation: bool = False
 REPRODUCED = ("malicious", "attack_success_rate", "clean_accuracy")
 
 
-def fill_cell(cell: dict, ds_full, detectors: list[str]) -> dict:
+def fill_cell(cell: dict, ds_full, detectors: list[str],
+              cache: str | None = None) -> dict:
   """`cell` with `detectors` run on its providers' models: the protocol is
   run again (deterministic) and must give the recorded providers (their
   ASR, clean accuracy and RTTD flags and scores, exactly), else
-  ConfigError; the cell's other numbers are kept."""
+  ConfigError; the cell's other numbers are kept (`cache`: see
+  `inspect`)."""
   t0 = time.perf_counter()
   s = cell["settings"]
   config = cell_config(cell["dataset"], cell["case"], cell["seed"], s)
@@ -485,7 +594,7 @@ def fill_cell(cell: dict, ds_full, detectors: list[str]) -> dict:
                         f"the recorded {name}; run the cell in a new --out")
   others = set(DETECTORS) - set(detectors)
   found = inspect(sim, state.own, ds_full, cell["seed"], others,
-                  separation=SEPARATION in detectors)
+                  separation=SEPARATION in detectors, cache=cache)
   out = dict(cell, inspection=dict(cell["inspection"]))
   for name in detectors:
     out["inspection"][name] = found[name]
@@ -574,8 +683,10 @@ def aggregate(cells: list[dict]) -> list[dict]:
         row[name] = {"tpr": wilson(tp, pos), "fpr": wilson(fp, neg),
                      "counts": (tp, pos, fp, neg), "seeds": len(parts)}
         if name != "rttd":
-          row[name]["seconds_per_provider"] = float(np.median(
-              [p["seconds_per_provider"] for p in parts]))
+          timed = [p["seconds_per_provider"] for p in parts
+                   if p["seconds_per_provider"] is not None]
+          row[name]["seconds_per_provider"] = (float(np.median(timed))
+                                               if timed else math.nan)
       row["rttd_seconds_per_provider"] = float(np.median(
           [c["cost"]["rttd_seconds_per_provider"] for c in group]))
       row["seconds_per_provider_step"] = float(np.median(
@@ -641,7 +752,8 @@ def markdown(rows: list[dict], flops: dict | None = None) -> str:
 
     def cost(name):
       vals = [r[name]["seconds_per_provider"] for r in group
-              if r[name] is not None]
+              if r[name] is not None
+              and not math.isnan(r[name]["seconds_per_provider"])]
       if not vals:
         probes = [r["probes"][name] for r in group
                   if name in r.get("probes", {})]
@@ -722,6 +834,8 @@ def main(args) -> None:
   import json  # pylint: disable=g-import-not-at-top
   check_args(args)
   skip = parse_skip(args.skip)
+  cache = (os.path.join(args.out, "cache", "neural_cleanse")
+           if args.nc_cache else None)
   if not args.table_only:
     commit, t0 = _commit(), time.time()
     todo = [(d, c, s) for d in args.datasets for c in args.cases
@@ -746,7 +860,7 @@ def main(args) -> None:
       if os.path.exists(path) and not stale(old, dataset, case, seed, st):
         missing = missing_detectors(old, skipped, args.separation)
         if args.fill and missing:
-          cell = fill_cell(old, dataset_of(dataset), missing)
+          cell = fill_cell(old, dataset_of(dataset), missing, cache)
           report.write_json_atomic(path, report_results.clean(cell))
           found = ", ".join(_counts(n, cell["inspection"][n])
                             for n in missing)
@@ -763,7 +877,7 @@ def main(args) -> None:
       probe = (args.probe_skipped and bool(skipped)
                and dataset not in probed)
       cell = run_cell(dataset, case, seed, st, dataset_of(dataset), skipped,
-                      probe, args.separation)
+                      probe, args.separation, cache)
       if probe and "not_applicable" not in cell:
         probed.add(dataset)
       cell.update(commit=commit, versions=report.versions(),

@@ -117,7 +117,7 @@ def test_a_case_with_its_own_model_runs_with_it(study, tmp_path, digits,
       datasets=["digits"], cases=["secret_key"], seeds=[0], skip=[],
       providers=4, malicious=2, steps=20, subrun_steps=10, replicated=1,
       out=str(tmp_path), table_only=False, probe_skipped=False, fill=False,
-      separation=False, flops=False)
+      separation=False, flops=False, nc_cache=False)
   s = study.settings("digits", args)
   assert s["model"] == "cnn"
   assert study.cell_config("digits", "secret_key", 0, s).flat()["model"] == (
@@ -152,7 +152,8 @@ def test_resume_refuses_other_settings(study, tmp_path, tiny_cell):
   args = types.SimpleNamespace(
       datasets=["digits"], cases=["badnets"], seeds=[0], skip=[],
       providers=8, malicious=-1, steps=0, subrun_steps=0, replicated=0,
-      out=str(tmp_path), table_only=False, probe_skipped=False)
+      out=str(tmp_path), table_only=False, probe_skipped=False,
+      nc_cache=False)
   with pytest.raises(ConfigError, match="was run with"):
     study.main(args)
 
@@ -182,7 +183,7 @@ def _fill_args(tmp_path, s, **kw):
       providers=s["providers"], malicious=s["malicious"], steps=s["steps"],
       subrun_steps=s["subrun_steps"], replicated=s["replicated"],
       out=str(tmp_path), table_only=False, probe_skipped=False, fill=True,
-      separation=False, flops=False), **kw))
+      separation=False, flops=False, nc_cache=True), **kw))
 
 
 def test_fill_runs_a_skipped_detector_on_the_same_providers(
@@ -267,3 +268,52 @@ def test_fill_refuses_a_cell_it_does_not_reproduce(study, tmp_path,
     study.main(_fill_args(tmp_path, cell["settings"]))
   with open(path) as f:
     assert "filled" not in f.read()
+
+
+def test_neural_cleanse_cache_reuses_a_models_result(study, tmp_path, digits):
+  """cached_neural_cleanse: a model's result is read back for the same model
+  wherever it sits in a population; another model, config or key misses;
+  and a model's reversal does not depend on the other models of its call."""
+  import jax
+  import jaxrep
+  from jaxrep.detect import inspection as insp
+  model = jaxrep.get_model("mlp", digits.num_classes, digits.input_shape)
+  inits = [model.init(jax.random.key(i)) for i in range(2)]
+  stack = lambda idx: jax.tree_util.tree_map(
+      lambda *a: np.stack(a), *[inits[i] for i in idx])
+  params, state = stack([0, 1, 0])          # providers 0 and 2: one model
+  x = np.asarray(digits.x_test[:64])
+  key, cfg = jax.random.key(3), insp.NeuralCleanseConfig(steps=20)
+  cache = str(tmp_path / "nc")
+  first, hit = study.cached_neural_cleanse(model, params, state, x, key,
+                                           cache, cfg)
+  assert not hit.any()
+  assert len(os.listdir(cache)) == 2        # one file per distinct model
+  direct = insp.neural_cleanse(model, params, state, x, key, config=cfg)
+  np.testing.assert_array_equal(first.scores, direct.scores)
+  np.testing.assert_array_equal(first.details["norms"],
+                                direct.details["norms"])
+  np.testing.assert_array_equal(first.flags, first.scores > cfg.threshold)
+  # Read back, in another order.
+  p2, s2 = stack([1, 0])
+  again, hit = study.cached_neural_cleanse(model, p2, s2, x, key, cache, cfg)
+  assert hit.all()
+  np.testing.assert_array_equal(again.scores, first.scores[[1, 0]])
+  for name in study.NC_FIELDS:
+    np.testing.assert_array_equal(again.details[name],
+                                  first.details[name][[1, 0]])
+  # One model alone gives its result in the population up to rounding.
+  alone = insp.neural_cleanse(model, *stack([1]), x, key, config=cfg)
+  np.testing.assert_allclose(alone.details["norms"][0],
+                             first.details["norms"][1], rtol=1e-5)
+  # A changed weight, another config or another key: a miss.
+  nudged = jax.tree_util.tree_map(np.array, p2)   # copies
+  leaf = jax.tree_util.tree_leaves(nudged)[0]
+  leaf[0].flat[0] += 1e-3
+  _, hit = study.cached_neural_cleanse(model, nudged, s2, x, key, cache, cfg)
+  assert hit.tolist() == [False, True]
+  other = insp.NeuralCleanseConfig(steps=21)
+  assert study.nc_cache_names(model, p2, s2, x, key, other) != \
+      study.nc_cache_names(model, p2, s2, x, key, cfg)
+  assert study.nc_cache_names(model, p2, s2, x, jax.random.key(4), cfg) != \
+      study.nc_cache_names(model, p2, s2, x, key, cfg)
