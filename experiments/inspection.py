@@ -40,7 +40,11 @@ if it lacks it: the protocol is run again, must reproduce the recorded
 providers exactly, and only what is missing runs on their models), and
 <out>/table.md aggregated over every cell found under <out> (means with 95 %
 t intervals over seeds; rates pooled over providers and seeds with Wilson
-95 % intervals).
+95 % intervals). Neural Cleanse's result for each model is kept under
+<out>/cache/neural_cleanse and read back for the same model in another cell
+(--nc_cache, on by default): a seed's benign providers are usually the
+same models in every case (the hash decides), so a seed's later cells
+reverse only their attackers.
 
     cd experiments
     python inspection.py --datasets=digits --out=../runs/inspection
@@ -274,8 +278,8 @@ def inspection_inputs(ds_full) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------
 # Neural Cleanse per model, reused across cells.
 #
-# A seed's benign providers train the same models in every case (the same
-# keys, stacks and data), and Neural Cleanse on the CNN costs about 4,000
+# A seed's benign providers usually train the same models in every case
+# (the same keys, stacks and data), and Neural Cleanse on the CNN costs about 4,000
 # provider-steps per model, so a model's result is kept in one file under
 # <out>/cache/neural_cleanse named by a hash of everything it depends on:
 # the model's own params and state (bytes, shapes, dtypes), the clean
