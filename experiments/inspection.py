@@ -83,6 +83,7 @@ from jaxrep.detect import metrics as metrics_lib
 from jaxrep.protocol import loop
 from jaxrep.protocol.results import evaluate
 from jaxrep.report import results as report_results
+from jaxrep.runtime import compilation
 from jaxrep.protocol.steps import model_distances, subrun_step
 from jaxrep.sweep import interval
 
@@ -147,6 +148,10 @@ def define_flags() -> None:
                     "result under <out>/cache/neural_cleanse and reuse it "
                     "for the same model in another cell (a seed's benign "
                     "providers are the same models in every case)")
+  flags.DEFINE_string("compilation_cache", "", "directory of XLA's "
+                      "persistent compilation cache ('': <out>/xla_cache; "
+                      "'none': off); a cached program is the one XLA would "
+                      "compile, so results are unchanged")
   flags.DEFINE_bool("table_only", False, "only (re)write the table from the "
                     "cells found in --out")
   flags.DEFINE_bool("flops", True, "count the client's FLOPs per provider "
@@ -841,6 +846,9 @@ def main(args) -> None:
   cache = (os.path.join(args.out, "cache", "neural_cleanse")
            if args.nc_cache else None)
   if not args.table_only:
+    if args.compilation_cache != "none":
+      compilation.enable_cache(args.compilation_cache
+                               or os.path.join(args.out, "xla_cache"))
     commit, t0 = _commit(), time.time()
     todo = [(d, c, s) for d in args.datasets for c in args.cases
             for s in args.seeds]

@@ -117,7 +117,8 @@ def test_a_case_with_its_own_model_runs_with_it(study, tmp_path, digits,
       datasets=["digits"], cases=["secret_key"], seeds=[0], skip=[],
       providers=4, malicious=2, steps=20, subrun_steps=10, replicated=1,
       out=str(tmp_path), table_only=False, probe_skipped=False, fill=False,
-      separation=False, flops=False, nc_cache=False)
+      separation=False, flops=False, nc_cache=False,
+      compilation_cache="none")
   s = study.settings("digits", args)
   assert s["model"] == "cnn"
   assert study.cell_config("digits", "secret_key", 0, s).flat()["model"] == (
@@ -153,7 +154,7 @@ def test_resume_refuses_other_settings(study, tmp_path, tiny_cell):
       datasets=["digits"], cases=["badnets"], seeds=[0], skip=[],
       providers=8, malicious=-1, steps=0, subrun_steps=0, replicated=0,
       out=str(tmp_path), table_only=False, probe_skipped=False,
-      nc_cache=False)
+      nc_cache=False, compilation_cache="none")
   with pytest.raises(ConfigError, match="was run with"):
     study.main(args)
 
@@ -183,7 +184,8 @@ def _fill_args(tmp_path, s, **kw):
       providers=s["providers"], malicious=s["malicious"], steps=s["steps"],
       subrun_steps=s["subrun_steps"], replicated=s["replicated"],
       out=str(tmp_path), table_only=False, probe_skipped=False, fill=True,
-      separation=False, flops=False, nc_cache=True), **kw))
+      separation=False, flops=False, nc_cache=True,
+      compilation_cache="none"), **kw))
 
 
 def test_fill_runs_a_skipped_detector_on_the_same_providers(
