@@ -340,8 +340,13 @@ def cached_neural_cleanse(model, params, model_state, x, key, cache: str,
   hit = np.array([os.path.exists(p) for p in paths])
   rows = [None] * len(paths)
   for i in np.flatnonzero(hit):
-    with np.load(paths[i]) as f:
-      rows[i] = {k: f[k] for k in NC_FIELDS + ("score", "classes")}
+    try:
+      with np.load(paths[i]) as f:
+        rows[i] = {k: f[k] for k in NC_FIELDS + ("score", "classes")}
+    except (OSError, ValueError, KeyError) as e:
+      raise ConfigError(f"nc_cache: {paths[i]} is not a Neural Cleanse "
+                        f"result ({e}); delete it or run with "
+                        "--nonc_cache") from e
   todo = np.flatnonzero(~hit)
   if todo.size:
     take = lambda t: jax.tree_util.tree_map(lambda a: a[todo], t)

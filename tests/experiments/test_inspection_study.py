@@ -314,6 +314,13 @@ def test_neural_cleanse_cache_reuses_a_models_result(study, tmp_path, digits):
   leaf[0].flat[0] += 1e-3
   _, hit = study.cached_neural_cleanse(model, nudged, s2, x, key, cache, cfg)
   assert hit.tolist() == [False, True]
+  # A damaged file is named, not read.
+  name = study.nc_cache_names(model, p2, s2, x, key, cfg)[0]
+  with open(os.path.join(cache, name), "wb") as f:
+    f.write(b"not an npz")
+  from jaxrep.core.errors import ConfigError
+  with pytest.raises(ConfigError, match=name):
+    study.cached_neural_cleanse(model, p2, s2, x, key, cache, cfg)
   other = insp.NeuralCleanseConfig(steps=21)
   assert study.nc_cache_names(model, p2, s2, x, key, other) != \
       study.nc_cache_names(model, p2, s2, x, key, cfg)
