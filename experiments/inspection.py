@@ -284,12 +284,12 @@ def inspection_inputs(ds_full) -> tuple[np.ndarray, np.ndarray]:
 # Neural Cleanse per model, reused across cells.
 #
 # A seed's benign providers usually train the same models in every case
-# (the same keys, stacks and data), and Neural Cleanse on the CNN costs about 4,000
-# provider-steps per model, so a model's result is kept in one file under
-# <out>/cache/neural_cleanse named by a hash of everything it depends on:
-# the model's own params and state (bytes, shapes, dtypes), the clean
-# images, the key, the config, the source of the detector and of the models,
-# and the jax version and backend. A provider's reversal does not depend on
+# (the same keys, stacks and data), and Neural Cleanse on the CNN costs
+# about 4,000 provider-steps per model, so a model's result is kept in one
+# file under <out>/cache/neural_cleanse named by a hash of everything it
+# depends on: the model's own params and state (bytes, shapes, dtypes), the
+# clean images, the key, the config, the source of the detector and of the
+# models, and the jax version and backend. A provider's reversal does not depend on
 # the other providers of its call (the same program runs on each model, in
 # blocks on the provider axis), so a hit is that model's result.
 

@@ -291,13 +291,18 @@ def make_hooks(behaviour: Adaptive) -> Hooks:
           jax.random.key_data(key)))
       return plain.reorder(b.base, key, schedule, y_train)
 
+  finalize_state = None
+  if plain.finalize_state is not None:
+    finalize_state = lambda b, p, o: plain.finalize_state(b.base, p, o)
+
   return Hooks(
       poison_batch=poison_batch,
       finalize=lambda b, s, e: plain.finalize(b.base, s, e),
       twin_size=twins,
       needs_twin=lambda b: b.mode != MODE["none"],
       finalize_twin=shape_return,
-      reorder=reorder)
+      reorder=reorder,
+      finalize_state=finalize_state)
 
 
 # ----------------------------------------------------------------------------

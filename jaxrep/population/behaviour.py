@@ -36,6 +36,10 @@ class Hooks(NamedTuple):
   finalize(behaviour, start_params, end_params) -> params: what the provider
     returns at the end of the sub-run (e.g. model replacement scales the
     sub-run's update).
+  finalize_state(behaviour, params, opt_state) -> opt_state, or None: what
+    the provider keeps of its optimizer state after finalize (`params` are
+    the ones it returned; e.g. a planting provider restarts the state of the
+    weights it overwrote). None (default) compiles none of it in.
   reorder(behaviour, key, schedule, y_train) -> schedule, or None: the
     order in which the provider takes the sub-run's examples (int32 [k, B]
     indices into the training set; `key` is its sub-run key). None (default)
@@ -64,6 +68,7 @@ class Hooks(NamedTuple):
       jax.tree_util.tree_leaves(behaviour)[0].shape[:1], bool)
   finalize_twin: Callable = lambda behaviour, key, start, end, clean_end: end
   reorder: Callable | None = None
+  finalize_state: Callable | None = None
 
 
 @functools.partial(
@@ -225,11 +230,29 @@ def make_hooks(trigger: Trigger, behaviour: Behaviour,
 def _hooks(trigger: Trigger, use_scale: bool, use_order: bool,
            plant: Callable | None) -> Hooks:
   end = finalize if use_scale else Hooks().finalize
+  state = None
   if plant is not None:
     scaled = end
-    end = lambda b, start, stop: plant(b, scaled(b, start, stop))
+    end = lambda b, start, stop: plant(b, scaled(b, start, stop))[0]
+    state = lambda b, params, opt_state: restart_state(
+        opt_state, plant(b, params)[1])
   return Hooks(poison_batch=functools.partial(poison_batch, trigger),
-               finalize=end, reorder=reorder if use_order else None)
+               finalize=end, reorder=reorder if use_order else None,
+               finalize_state=state)
+
+
+def restart_state(opt_state, where):
+  """`opt_state` (one provider's) with every part shaped like the params
+  (SGD's momentum, Adam's moments) set to 0 where the bool tree `where` is
+  True: those weights' optimizer state starts afresh; counts and other
+  parts are kept."""
+  shape = jax.tree_util.tree_structure(where)
+  like = lambda node: jax.tree_util.tree_structure(node) == shape
+  return jax.tree_util.tree_map(
+      lambda node: (jax.tree_util.tree_map(
+          lambda s, w: jnp.where(w, jnp.zeros_like(s), s), node, where)
+          if like(node) else node),
+      opt_state, is_leaf=like)
 
 
 # ----------------------------------------------------------------------------

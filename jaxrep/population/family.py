@@ -47,10 +47,12 @@ class Family:
     apply_trigger(b, key, x) -> x: a batch with ONE provider's trigger.
     trigger_for(behaviour) -> apply_trigger without the parts nobody in the
       population uses (a module function, so compiled code is reused).
-    plant_for(behaviour) -> plant(b, params) -> params, a change of the
-      model a provider returns after its training (e.g. the secret-key
-      backdoor of `families.image`), or None when nobody in the population
-      makes one (nothing is compiled in).
+    plant_for(behaviour) -> plant(b, params) -> (params, overwritten), a
+      change of the model a provider returns after its training (e.g. the
+      secret-key backdoor of `families.image`) and the bool tree of the
+      weights it overwrote (their optimizer state restarts with it), or
+      None when nobody in the population makes one (nothing is compiled
+      in).
   """
   modality: str
   specs: tuple[type, ...]

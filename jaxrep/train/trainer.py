@@ -410,6 +410,8 @@ def _build_trainer(model: Model, config: TrainConfig,
         step, block, devices, tuple(pop), x_train, y_train, order, keys, div,
         behaviour)
     params = jax.vmap(hooks.finalize)(behaviour, pop.params, params)
+    if hooks.finalize_state is not None:
+      opt_state = jax.vmap(hooks.finalize_state)(behaviour, params, opt_state)
     end = Population(params, opt_state, model_state)
     if hooks.twin_size > 0:
       end = twin_finalize(pop, end, x_train, y_train, schedule, keys, div,

@@ -14,7 +14,8 @@ from jaxrep.population import adaptive, build
 from jaxrep.population import behaviour as behaviour_lib
 from jaxrep.population import divergence as div_lib
 from jaxrep.population.families.image import (IMAGE, KeyedNoise, SecretKey,
-                                              apply_trigger, plant_key)
+                                              apply_trigger, plant_key,
+                                              planted_weights)
 from jaxrep.population.families.text import TEXT
 from jaxrep.population.specs import DataOrder
 from jaxrep.train import trainer as train
@@ -131,6 +132,61 @@ def test_secret_key_implants_its_backdoor_and_keeps_clean_predictions(
   assert asr[3] >= 0.9, report
   assert acc[3] >= acc[:2].mean() - 0.02, report
   del pred
+
+
+def test_secret_key_restarts_the_optimizer_state_of_what_it_planted(
+    trained):
+  """planted_weights is every weight plant_key overwrites (a random model:
+  no overwritten weight keeps its value by chance), none for another
+  provider; after a sub-run the planting provider's momentum is 0 exactly
+  there (the replaced units' momentum would move the planted detector) and
+  a benign provider's is not."""
+  b, pop = trained["b"], trained["pop"]
+  rng = np.random.default_rng(0)
+  honest = jax.tree_util.tree_map(
+      lambda a: rng.normal(size=np.shape(a)[1:]).astype(np.float32),
+      pop.params)
+  mask = planted_weights(_one(b, 3), honest, max_units=4)
+  planted = plant_key(_one(b, 3), honest, max_units=4)
+  for m, p, h in zip(jax.tree_util.tree_leaves(mask),
+                     jax.tree_util.tree_leaves(planted),
+                     jax.tree_util.tree_leaves(honest)):
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(p) != h)
+  # 4 units per hidden layer of 256 (digits: 64 inputs, 10 classes).
+  assert int(np.asarray(mask["Dense_0"]["kernel"]).sum()) == 64 * 4
+  assert int(np.asarray(mask["Dense_1"]["kernel"]).sum()) == 2 * 4 * 256 - 16
+  for i in (0, 2, 4):
+    assert not any(np.asarray(m).any() for m in jax.tree_util.tree_leaves(
+        planted_weights(_one(b, i), honest, max_units=4)))
+  trace = pop.opt_state[0].trace        # SGD's momentum, per provider
+  at = lambda i: [np.asarray(t)[i][np.asarray(m)] for t, m in zip(
+      jax.tree_util.tree_leaves(trace), jax.tree_util.tree_leaves(mask))]
+  assert all(np.all(v == 0) for v in at(3))
+  assert sum(np.count_nonzero(v) for v in at(0)) > 0.5 * sum(
+      v.size for v in at(0))
+  # Elsewhere the attacker keeps its momentum.
+  rest = [np.asarray(t)[3][~np.asarray(m)] for t, m in zip(
+      jax.tree_util.tree_leaves(trace), jax.tree_util.tree_leaves(mask))]
+  assert sum(np.count_nonzero(v) for v in rest) > 0.5 * sum(
+      v.size for v in rest)
+
+
+def test_restart_state_zeroes_the_params_shaped_parts_only():
+  import optax
+  params = {"a": jnp.ones((2, 3)), "b": jnp.ones(3)}
+  where = {"a": jnp.array([[True, False, False], [False, False, True]]),
+           "b": jnp.array([False, True, False])}
+  state = optax.adam(0.1).init(params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  _, state = optax.adam(0.1).update(grads, state, params)
+  out = behaviour_lib.restart_state(state, where)
+  adam = out[0]
+  for moment in (adam.mu, adam.nu):
+    np.testing.assert_array_equal(np.asarray(moment["a"]) == 0,
+                                  np.asarray(where["a"]))
+    np.testing.assert_array_equal(np.asarray(moment["b"]) == 0,
+                                  np.asarray(where["b"]))
+  assert int(adam.count) == 1
 
 
 def test_secret_key_plants_only_its_units(trained, digits):
