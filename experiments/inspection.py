@@ -147,7 +147,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("nc_cache", True, "keep each model's Neural Cleanse "
                     "result under <out>/cache/neural_cleanse and reuse it "
                     "for the same model in another cell (a seed's benign "
-                    "providers are the same models in every case)")
+                    "providers are usually the same models in every case)")
   flags.DEFINE_string("compilation_cache", "", "directory of XLA's "
                       "persistent compilation cache ('': <out>/xla_cache; "
                       "'none': off); a cached program is the one XLA would "
@@ -289,14 +289,16 @@ def inspection_inputs(ds_full) -> tuple[np.ndarray, np.ndarray]:
 # file under <out>/cache/neural_cleanse named by a hash of everything it
 # depends on: the model's own params and state (bytes, shapes, dtypes), the
 # clean images, the key, the config, the source of the detector and of the
-# models, and the jax version and backend. A provider's reversal does not depend on
-# the other providers of its call (the same program runs on each model, in
-# blocks on the provider axis), so a hit is that model's result.
+# models, and the jax version and backend. A provider's reversal does not
+# depend on the other providers of its call (the same program runs on each
+# model, in blocks on the provider axis), so a hit is that model's result.
 
 NC_FIELDS = ("norms", "last_norms", "success")
+_MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(insp.__file__)),
+                           "models")
 _NC_SOURCES = (insp.__file__,) + tuple(
-    os.path.join(os.path.dirname(insp.__file__), "..", "models", f)
-    for f in ("__init__.py", "image.py", "layers.py", "registry.py"))
+    os.path.join(_MODELS_DIR, f) for f in sorted(os.listdir(_MODELS_DIR))
+    if f.endswith(".py"))
 
 
 def _digest(h, a) -> None:
