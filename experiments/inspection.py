@@ -76,6 +76,7 @@ from scipy import stats
 import _common
 from jaxrep import cli, distances, population, protocol, report
 from jaxrep.core import flops as flops_lib
+from jaxrep.core import trees
 from jaxrep.config import SimConfig
 from jaxrep.core.errors import ConfigError
 from jaxrep.detect import inspection as insp
@@ -320,12 +321,14 @@ def nc_cache_names(model, params, model_state, x, key,
                 .encode())
   _digest(common, x)
   _digest(common, jax.random.key_data(key))
-  leaves = jax.tree_util.tree_leaves((params, model_state))
+  # One host copy per leaf, then provider slices of it.
+  leaves = [np.asarray(a) for a in
+            jax.tree_util.tree_leaves((params, model_state))]
   names = []
-  for i in range(int(np.shape(leaves[0])[0])):
+  for i in range(leaves[0].shape[0]):
     h = common.copy()
     for leaf in leaves:
-      _digest(h, np.asarray(leaf[i]))
+      _digest(h, leaf[i])
     names.append(h.hexdigest() + ".npz")
   return names
 
@@ -351,8 +354,8 @@ def cached_neural_cleanse(model, params, model_state, x, key, cache: str,
                         "--nonc_cache") from e
   todo = np.flatnonzero(~hit)
   if todo.size:
-    take = lambda t: jax.tree_util.tree_map(lambda a: a[todo], t)
-    res = insp.neural_cleanse(model, take(params), take(model_state), x, key,
+    res = insp.neural_cleanse(model, trees.take(params, todo),
+                              trees.take(model_state, todo), x, key,
                               config=config)
     os.makedirs(cache, exist_ok=True)
     for j, i in enumerate(todo):
