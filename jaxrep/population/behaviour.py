@@ -163,9 +163,16 @@ def poison_batch(trigger: Trigger, b: Behaviour, key, x, y):
 
 
 def finalize(b: Behaviour, start_params, end_params):
-  """Model replacement: return start + scale * (end - start)."""
-  return jax.tree_util.tree_map(lambda s, e: s + b.scale * (e - s),
-                                start_params, end_params)
+  """Model replacement: return start + scale * (end - start).
+
+  A provider with scale 1 returns its trained model exactly: in floating
+  point start + 1 * (end - start) is not always end, and a benign provider
+  of a population with model-replacement attackers must return the same
+  model as in a population without them.
+  """
+  return jax.tree_util.tree_map(
+      lambda s, e: jnp.where(b.scale == 1.0, e, s + b.scale * (e - s)),
+      start_params, end_params)
 
 
 def reorder(b: Behaviour, key, schedule, y_train):

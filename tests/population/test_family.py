@@ -135,6 +135,25 @@ def test_model_replacement_is_compiled_in_only_when_used(modality):
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
+def test_unscaled_providers_return_their_trained_model_exactly(modality):
+  # start + 1 * (end - start) is not end in float32 for these values, so
+  # this fails if a provider with scale 1 goes through the arithmetic.
+  family = SETTINGS[modality][0]
+  scaled = _behaviour(modality)
+  n = scaled.size
+  rng = np.random.default_rng(0)
+  start = {"w": jnp.asarray(rng.normal(size=(n, 64)) * 10, jnp.float32)}
+  end = {"w": jnp.asarray(rng.normal(size=(n, 64)) * 1e-3, jnp.float32)}
+  assert np.any(np.asarray(start["w"] + (end["w"] - start["w"]))
+                != np.asarray(end["w"]))
+  out = jax.vmap(family.make_hooks(scaled).finalize)(scaled, start, end)
+  unscaled = np.asarray(scaled.scale) == 1.0
+  assert unscaled.any() and not unscaled.all()
+  np.testing.assert_array_equal(np.asarray(out["w"])[unscaled],
+                                np.asarray(end["w"])[unscaled])
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
 def test_asr_matches_manual_computation(modality):
   family = SETTINGS[modality][0]
   model = _model(modality)
